@@ -90,3 +90,23 @@ class EngineError(PrLoaderError):
 
 class ConfigError(PrLoaderError, ValueError):
     """An argument or setting is invalid."""
+
+
+class NeedsMaterialisation(StoreError):
+    """The step to claim has no fresh batch in Redis yet; materialise it and claim again."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"step {step} is not materialised yet")
+        self.step = step
+
+
+class NoStepReady(StoreError):
+    """Nothing can be claimed now, but leased steps may still return rows; retry at ``retry_at``."""
+
+    def __init__(self, retry_at: float) -> None:
+        super().__init__(f"no step ready to claim; steps are still leased (earliest expiry {retry_at:.3f})")
+        self.retry_at = retry_at
+
+
+class UnsupportedSchema(StoreError):
+    """The run was stored by an incompatible version of pr_loader."""

@@ -1,0 +1,439 @@
+"""``pr_loader.DataLoader``: a drop-in ``torch.utils.data.DataLoader`` whose position lives in Redis.
+
+Every argument of torch's loader is accepted with the same name, order and default, and checked by torch
+itself. For a map-style dataset and ``linked=False`` it yields exactly what torch's loader yields (values,
+dtypes, containers, order, and the random numbers it draws): each epoch's plan is drawn from torch's own
+sampler objects (:mod:`pr_loader.plan`) and stored in Redis, steps are materialised a step ahead in a
+background thread, claimed, decoded and collated with the user's ``collate_fn``.
+
+Commit points: a step is committed when the next one is requested, when the epoch ends, or when
+:meth:`DataLoader.state_dict` is called. A new ``iter()`` (or a new process with the same ``run_id`` and
+``consumer_id``) first gives back the in-flight steps of the previous iterator, then continues after the
+last committed step; unlike torch, abandoning an iterator mid-epoch therefore continues that epoch instead
+of starting a new one. One ``iter()`` is the rest of one epoch. A heartbeat thread renews the leases of
+claimed-not-committed steps every ``lease_seconds / 3``.
+
+With ``num_workers > 0`` torch's own loader runs a :class:`RedisBatchDataset` in worker processes: each
+claims whole steps and returns ``(step, batch)``; the main process yields them in claim order (a small
+reorder buffer) and commits them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.utils.data as tud
+from torch.utils.data._utils.pin_memory import pin_memory
+
+from pr_loader import codec
+from pr_loader.dataset import RedisBatchDataset, rank_and_world, shard_sampler
+from pr_loader.errors import ConfigError, LeaseLost, RunNotFound, StateDictError, StepStateError
+from pr_loader.policy import FixedBatch, Policy, get_policy
+from pr_loader.server import FAKE_URL
+from pr_loader.state import LoaderState
+from pr_loader.store import ClaimedStep
+from pr_loader.store.connection import DurabilityMode
+
+__all__ = ["DataLoader"]
+
+logger = logging.getLogger(__name__)
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _stop_workers(iterator: object) -> None:
+    """Shut the worker processes of a torch loader iterator down now (not at garbage collection), so that
+    they claim nothing more."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
+
+
+class _Heartbeat:
+    """Renews the leases of this consumer's in-flight steps until stopped."""
+
+    def __init__(self, source: RedisBatchDataset) -> None:
+        self.source = source
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pr_loader-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        interval = self.source.lease_seconds / 3
+        while not self.stopped.wait(interval):
+            try:
+                store = self.source.shard().store
+                for step in self.source.inflight_mine():
+                    store.renew(step, self.source.consumer_id, self.source.lease_seconds)
+            except LeaseLost as exc:
+                logger.warning("heartbeat: %s", exc)
+            except Exception:  # the loop must survive a passing Redis outage; the next beat retries
+                logger.exception("heartbeat of consumer %s failed", self.source.consumer_id)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class _Readahead:
+    """Background work for the single-process path: materialise step k+1 and decode its current rows while
+    the caller works on step k. Decoded rows are cached by ref (refs are immutable versions, so the cache
+    is always valid) and never change which rows a step gets."""
+
+    def __init__(self, source: RedisBatchDataset) -> None:
+        self.source = source
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr_loader-readahead")
+        self.future: Future[None] | None = None
+        self.cache: dict[str, Any] = {}
+
+    def start(self, step: int) -> None:
+        self.future = self.pool.submit(self._prepare, step)
+
+    def _prepare(self, step: int) -> None:
+        self.source.materialise(step)
+        if self.source.linked:
+            return
+        rows = self.source.shard().store.read_rows(step)
+        allow = self.source.allow_pickle
+        self.cache = {row.ref.encode(): codec.decode(row.payload, allow_pickle=allow) for row in rows}
+
+    def wait(self) -> None:
+        future, self.future = self.future, None
+        if future is not None:
+            future.result()
+
+    def samples(self, claimed: ClaimedStep) -> list[Any]:
+        cache, self.cache = self.cache, {}
+        allow = self.source.allow_pickle
+        decode = codec.decode
+        return [
+            cache[ref] if (ref := row.ref.encode()) in cache else decode(row.payload, allow_pickle=allow)
+            for row in claimed.rows
+        ]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class _LoaderIter:
+    """One epoch of a :class:`DataLoader` (see the module docstring for commit points)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.source = source = loader.source
+        source.release_inflight()
+        self.epoch = source.current_epoch()
+        source.ensure_plan(self.epoch)
+        self.epoch_end = (self.epoch + 1) * source.steps_per_epoch
+        self.pending: int | None = None
+        self.yielded: set[int] = set()
+        self.done = False
+        self.readahead: _Readahead | None = None
+        self.worker_iter: Iterator[tuple[int, Any]] | None = None
+        if loader.num_workers == 0:
+            self.readahead = _Readahead(source)
+            self.steps: Iterator[tuple[int, Any]] = self._inline()
+        else:
+            self.steps = self._ordered(self._from_workers())
+        self.heartbeat = _Heartbeat(source)
+
+    def __iter__(self) -> _LoaderIter:
+        return self
+
+    def __len__(self) -> int:
+        return self.source.steps_per_epoch
+
+    # ------------------------------------------------------------------ sources of (step, item)
+    def _inline(self) -> Iterator[tuple[int, Any]]:
+        source, readahead = self.source, self.readahead
+        assert readahead is not None  # set together with this generator
+        for claimed in source.claim_steps(self.epoch):
+            if claimed.step + 1 < self.epoch_end:
+                readahead.start(claimed.step + 1)
+            if source.linked:
+                yield claimed.step, source.build(claimed)
+            else:
+                yield claimed.step, self.loader._pin(source.collate(readahead.samples(claimed)))
+            readahead.wait()
+
+    def _from_workers(self) -> Iterator[tuple[int, Any]]:
+        source, loader = self.source, self.loader
+        source.shard().client.set(source.iter_epoch_key, self.epoch)
+        self.worker_iter = loader._worker_loader()
+        for step, item in self.worker_iter:
+            if isinstance(item, ClaimedStep):
+                item = source.build(item)
+            yield step, item
+
+    def _ordered(self, items: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+        """Yield worker results in claim order: the lowest step this consumer holds comes first."""
+        buffer: dict[int, Any] = {}
+        last = -1
+        exhausted = False
+        while True:
+            if buffer:
+                low = min(buffer)
+                if low == last + 1 or exhausted:
+                    last = low
+                    yield low, buffer.pop(low)
+                    continue
+                held = [s for s in self.source.inflight_mine() if s < low and s not in self.yielded]
+                if not held:
+                    last = low
+                    yield low, buffer.pop(low)
+                    continue
+            if exhausted:
+                return
+            try:
+                step, item = next(items)
+            except StopIteration:
+                exhausted = True
+                continue
+            buffer[step] = item
+
+    # ------------------------------------------------------------------ iteration
+    def commit_pending(self) -> None:
+        step, self.pending = self.pending, None
+        if step is None:
+            return
+        try:
+            self.source.commit(step)
+        except StepStateError:
+            if not self.source.linked:
+                raise  # a linked view may have been committed by its user already
+
+    def __next__(self) -> Any:
+        if self.done:
+            raise StopIteration
+        self.commit_pending()
+        try:
+            step, item = next(self.steps)
+        except StopIteration:
+            self.close()
+            raise
+        self.pending = step
+        self.yielded.add(step)
+        return item
+
+    def close(self) -> None:
+        """Stop the heartbeat and background work; in-flight steps stay claimed until the next iter()."""
+        if self.done:
+            return
+        self.done = True
+        self.heartbeat.stop()
+        if self.readahead is not None:
+            self.readahead.close()
+        if self.worker_iter is not None and not self.loader.persistent_workers:
+            _stop_workers(self.worker_iter)
+
+
+class DataLoader(tud.DataLoader[Any]):
+    """Drop-in ``torch.utils.data.DataLoader`` backed by a persistent Redis run (see the module doc).
+
+    Extra keyword-only arguments: ``redis_url`` (``None``: ``PR_LOADER_REDIS_URL`` or the embedded
+    server), ``run_id`` (``None``: a fresh run, or the run of the first loaded state_dict), ``linked``
+    (yield :class:`LinkedDataProto` views instead of collated batches), ``policy``, ``rank`` /
+    ``world_size`` (default: the initialised process group), ``consumer_id`` (lease owner; default
+    ``"trainer"``; competing consumers need distinct ids), ``lease_seconds``, ``retain_steps`` (how many
+    committed steps a ``load_state_dict`` can roll back), ``durability`` (``"none"``, ``"everysec"``,
+    ``"always"``: checked against the server), ``allow_pickle`` (codec pickle fallback for samples of
+    other types; trusted data only).
+    """
+
+    def __init__(
+        self,
+        dataset: tud.Dataset[Any],
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: tud.Sampler[Any] | Iterable[Any] | None = None,
+        batch_sampler: tud.Sampler[list[Any]] | Iterable[list[Any]] | None = None,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        timeout: float = 0,
+        worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
+        generator: torch.Generator | None = None,
+        *,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        pin_memory_device: str = "",
+        in_order: bool = True,
+        redis_url: str | None = None,
+        run_id: str | None = None,
+        linked: bool = False,
+        policy: str | Policy | type[Policy] = "FixedBatch",
+        rank: int | None = None,
+        world_size: int | None = None,
+        consumer_id: str | None = None,
+        lease_seconds: float = 60.0,
+        retain_steps: int = 8,
+        durability: DurabilityMode | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        if isinstance(dataset, tud.IterableDataset):
+            raise ConfigError(
+                "pr_loader.DataLoader plans steps from dataset indices: it needs a map-style dataset, not an "
+                "IterableDataset (materialise it into a list or a map-style Dataset first)"
+            )
+        the_rank, the_world = rank_and_world(rank, world_size)
+        sharded, shuffle_for_torch, built = shard_sampler(
+            dataset, shuffle, sampler, batch_sampler, drop_last, generator, the_rank, the_world
+        )
+        try:
+            super().__init__(
+                dataset, batch_size, shuffle_for_torch, sharded, batch_sampler, num_workers, collate_fn,
+                pin_memory, drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
+                prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                pin_memory_device=pin_memory_device, in_order=in_order,
+            )  # fmt: skip
+        except ValueError as exc:  # torch's own checks, word for word
+            raise ConfigError(str(exc)) from exc
+        if num_workers == 0 and timeout != 0:
+            raise ConfigError("timeout applies to worker processes only; it needs num_workers > 0")
+        if num_workers > 0 and not isinstance(get_policy(policy), FixedBatch):
+            raise ConfigError(
+                f"policy {policy!r} postpones rows into later steps, which worker processes would already have "
+                "claimed: use num_workers=0 (steps are still materialised ahead in a background thread)"
+            )
+        if num_workers > 0 and redis_url == FAKE_URL:
+            raise ConfigError("worker processes cannot share the in-process fakeredis store; use a server")
+        auto = self.batch_sampler is not None
+        self.source = RedisBatchDataset(
+            dataset,
+            batch_size=1 if auto else None,
+            sampler=None if auto else self.sampler,
+            batch_sampler=self.batch_sampler if auto else None,
+            generator=generator,
+            collate_fn=self.collate_fn,
+            linked=linked,
+            redis_url=redis_url,
+            run_id=run_id,
+            policy=policy,
+            rank=the_rank,
+            world_size=the_world,
+            consumer_id=consumer_id,
+            lease_seconds=lease_seconds,
+            retain_steps=retain_steps,
+            durability=durability,
+            allow_pickle=allow_pickle,
+        )
+        self.source.auto_set_epoch = built
+        self.source.auto_commit = False
+        self.source.planner.base_seed_every_epoch = not (persistent_workers and num_workers > 0)
+        self.linked = linked
+        self._active: _LoaderIter | None = None
+        self._workers: tud.DataLoader[Any] | None = None
+        self._started = False
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> _LoaderIter:  # type: ignore[override]
+        """The rest of the current epoch (after the last committed step)."""
+        if self._active is not None:
+            self._active.close()
+        self._started = True
+        self._active = _LoaderIter(self)
+        return self._active
+
+    def _pin(self, batch: Any) -> Any:
+        if self.pin_memory and torch.accelerator.is_available():
+            pin: Callable[[Any], Any] = pin_memory
+            return pin(batch)
+        return batch
+
+    def _worker_loader(self) -> Iterator[tuple[int, Any]]:
+        """torch's loader over a worker copy of the source (kept across epochs with persistent_workers)."""
+        if self._workers is None or not self.persistent_workers:
+            worker_source = copy.copy(self.source)
+            worker_source.epoch_from_store = True
+            seed = torch.Generator()
+            seed.manual_seed(zlib.crc32(self.source.run_id.encode()) + self.source.rank)
+            self._workers = tud.DataLoader(
+                worker_source, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                pin_memory=self.pin_memory, timeout=self.timeout, worker_init_fn=self.worker_init_fn,
+                multiprocessing_context=self.multiprocessing_context, generator=seed,
+                prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,
+                pin_memory_device=self.pin_memory_device, in_order=self.in_order,
+            )  # fmt: skip
+        return iter(self._workers)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward ``epoch`` to a user sampler that needs it (``DistributedSampler``); the built-in rank
+        sharding follows the run's own epoch counter."""
+        for obj in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            if obj is not None and obj is not self.source.auto_set_epoch and hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+
+    def close(self) -> None:
+        """Stop the current iterator's threads and worker processes; close this process's Redis connection.
+        Steps it holds stay in flight until the next ``iter()`` with the same consumer id (or lease expiry)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+        if self._workers is not None:
+            _stop_workers(self._workers._iterator)
+            self._workers = None
+        self.source.close()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def run_id(self) -> str:
+        return self.source.run_id
+
+    def state_dict(self) -> dict[str, Any]:
+        """Commit the step handed out last and return the position (small, JSON-serialisable)."""
+        if self._active is not None:
+            self._active.commit_pending()
+        source = self.source
+        _, committed, _ = source.position()
+        return LoaderState(
+            run_id=source.run_id,
+            rank=source.rank,
+            world_size=source.world_size,
+            step=committed,
+            epoch=(committed + 1) // source.steps_per_epoch,
+            steps_per_epoch=source.steps_per_epoch,
+            fingerprint=source.fingerprint,
+            consumer_id=source.consumer_id,
+        ).to_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Roll the run back to right after the state's step (within ``retain_steps``); the next ``iter()``
+        continues from there, in the next epoch if the state was taken at the last step of one.
+
+        A loader created without ``run_id`` adopts the state's run; otherwise a state of another run, rank
+        or dataset raises :class:`StateDictError`; one older than the retained journal raises
+        :class:`RollbackOutOfRange`.
+        """
+        state = LoaderState.from_dict(state_dict)
+        source = self.source
+        if state.run_id != source.run_id:
+            if source.run_id_given or self._started:
+                raise StateDictError(
+                    f"the state_dict belongs to run {state.run_id!r}; this loader reads run {source.run_id!r}"
+                )
+            source.close()
+            source.run_id = state.run_id
+            source.create_run = False
+        for name in ("rank", "world_size", "steps_per_epoch", "fingerprint"):
+            mine, theirs = getattr(source, name), getattr(state, name)
+            if mine != theirs:
+                raise StateDictError(f"state_dict {name} is {theirs!r}, this loader has {mine!r}")
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+        try:
+            store = source.shard().store
+        except RunNotFound as exc:
+            raise StateDictError(f"the state_dict's run {state.run_id!r} is not in this store") from exc
+        store.rollback(state.step)
+        logger.info("run %s rank %d rolled back to step %d", source.run_id, source.rank, state.step)

@@ -1,0 +1,457 @@
+"""RedisBatchDataset: claimed steps of a Redis-backed run, as an ``IterableDataset``.
+
+A run shard's steps are planned from torch's own samplers (:mod:`pr_loader.plan`), materialised lazily
+(``dataset[i]`` -> :func:`codec.encode` -> ``BatchStore.materialise``) just before they are needed, and
+claimed whole: under ``torch.utils.data.DataLoader`` each worker claims whole steps from the shared cursor,
+so no row is lost or repeated, and each rank works on its own shard.
+
+One ``iter()`` covers the rest of one epoch: the epoch pinned with :meth:`RedisBatchDataset.set_epoch`, or
+else the epoch of the run's next step. Used on its own, a step is committed when the iterator moves past it
+(the next step is requested, or the epoch ends); :class:`pr_loader.DataLoader` commits in the main process
+instead. Linked views built in a worker process reach the main process unbound (pickling drops the
+binding); use ``pr_loader.DataLoader(linked=True)`` for bound views with workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import torch
+import torch.utils.data as tud
+
+from pr_loader import codec
+from pr_loader.errors import ConfigError, DatasetError, LeaseLost, NeedsMaterialisation, StepStateError
+from pr_loader.linked import LinkedDataProto, StepSession
+from pr_loader.plan import EpochPlanner, PlanStore
+from pr_loader.policy import FixedBatch, Policy, get_policy
+from pr_loader.server import open_client
+from pr_loader.store import BatchStore, ClaimedStep, RunConfig
+from pr_loader.store.connection import Client, DurabilityMode, check_durability, wait_durable
+from pr_loader.store.keys import ShardKeys
+
+__all__ = ["RedisBatchDataset"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONSUMER = "trainer"
+_PAST = 3600.0  # how far back an un-claim backdates a lease so that expiry undoes it at once
+
+
+def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Checked (rank, world_size); ``None`` takes the initialised process group's value (else 0 / 1)."""
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    world_size = _positive_int("world_size", world_size)
+    rank = _positive_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ConfigError(f"rank {rank} is not below world_size {world_size}")
+    return rank, world_size
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def fingerprint(dataset: object, index_sampler: object, length: int) -> str:
+    """What identifies a dataset and its batching for run meta (type names, length, crc of both)."""
+    kind = type(dataset)
+    sampler = getattr(index_sampler, "sampler", None)
+    text = (
+        f"{kind.__module__}.{kind.__qualname__}|{length}|{type(index_sampler).__qualname__}"
+        f"|{type(sampler).__qualname__}|{getattr(index_sampler, 'batch_size', None)}"
+        f"|{getattr(index_sampler, 'drop_last', None)}"
+    )
+    return f"{kind.__qualname__}:{length}:{zlib.crc32(text.encode()):08x}"
+
+
+def shard_sampler(
+    dataset: Any,
+    shuffle: bool | None,
+    sampler: Any,
+    batch_sampler: Any,
+    drop_last: bool,
+    generator: torch.Generator | None,
+    rank: int,
+    world_size: int,
+) -> tuple[Any, bool | None, tud.DistributedSampler[Any] | None]:
+    """(sampler, shuffle, built) for torch's loader: with ``world_size > 1`` and no sampler, a
+    ``DistributedSampler`` (``built``, whose epoch pr_loader sets); a given sampler must be rank-aware."""
+    if world_size == 1:
+        return sampler, shuffle, None
+    given = getattr(batch_sampler, "sampler", None) if batch_sampler is not None else sampler
+    if sampler is not None or batch_sampler is not None:
+        replicas, its_rank = getattr(given, "num_replicas", None), getattr(given, "rank", None)
+        if (replicas, its_rank) != (world_size, rank):
+            raise ConfigError(
+                f"world_size={world_size}: pass sampler=None (pr_loader shards like DistributedSampler) or a "
+                f"sampler with num_replicas={world_size} and rank={rank}; got num_replicas={replicas}, "
+                f"rank={its_rank}"
+            )
+        return sampler, shuffle, None
+    seed = 0 if generator is None else int(generator.initial_seed())
+    built: tud.DistributedSampler[Any] = tud.DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=bool(shuffle), seed=seed, drop_last=drop_last
+    )
+    return built, None, built
+
+
+@dataclass
+class _Shard:
+    """Per-process handles on one run shard (Redis clients are not fork-safe)."""
+
+    pid: int
+    client: Client
+    store: BatchStore
+    plans: PlanStore
+    keys: ShardKeys
+
+
+class RedisBatchDataset(tud.IterableDataset[Any]):
+    """Steps of a Redis-backed run: ``LinkedDataProto`` views (``linked=True``) or collated batches.
+
+    The batching arguments mean what they mean for ``torch.utils.data.DataLoader`` (the plan is drawn from
+    torch's own sampler objects). ``redis_url=None`` uses ``PR_LOADER_REDIS_URL`` or the embedded server
+    (``pr_loader.server.FAKE_URL``: in-process fakeredis, no worker processes);
+    ``run_id=None`` starts a fresh run. ``rank``/``world_size`` default to the initialised process group;
+    with ``world_size > 1`` and no sampler, rank shards follow ``DistributedSampler`` (padding and
+    ``drop_last`` included). ``consumer_id`` names the lease owner; a new process with the same id takes
+    over (and first releases) the in-flight steps of its predecessor.
+    """
+
+    def __init__(
+        self,
+        dataset: tud.Dataset[Any] | Sequence[Any],
+        *,
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: tud.Sampler[Any] | Iterable[Any] | None = None,
+        batch_sampler: tud.Sampler[list[Any]] | Iterable[list[Any]] | None = None,
+        drop_last: bool = False,
+        generator: torch.Generator | None = None,
+        collate_fn: Callable[[Any], Any] | None = None,
+        linked: bool = True,
+        redis_url: str | None = None,
+        run_id: str | None = None,
+        policy: str | Policy | type[Policy] = "FixedBatch",
+        rank: int | None = None,
+        world_size: int | None = None,
+        consumer_id: str | None = None,
+        lease_seconds: float = 60.0,
+        retain_steps: int = 8,
+        durability: DurabilityMode | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        data: Any = dataset
+        if isinstance(data, tud.IterableDataset):
+            raise ConfigError(
+                "pr_loader needs a map-style dataset (len + __getitem__), not an IterableDataset"
+            )
+        if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+            raise ConfigError(f"dataset must support len() and indexing, got {type(dataset).__name__}")
+        self.rank, self.world_size = rank_and_world(rank, world_size)
+        number = isinstance(lease_seconds, int | float) and not isinstance(lease_seconds, bool)
+        if not number or lease_seconds <= 0:
+            raise ConfigError(f"lease_seconds must be a positive number, got {lease_seconds!r}")
+        self.policy = get_policy(policy)
+        if not linked and not isinstance(self.policy, FixedBatch):
+            raise ConfigError(f"policy {self.policy.name!r} postpones/prefetches rows: it needs linked=True")
+        if durability not in (None, "none", "everysec", "always"):
+            raise ConfigError(f"durability must be None, 'none', 'everysec' or 'always', got {durability!r}")
+        sampler, shuffle, self.auto_set_epoch = shard_sampler(
+            data, shuffle, sampler, batch_sampler, drop_last, generator, self.rank, self.world_size
+        )
+        try:
+            plan_loader = tud.DataLoader(
+                data, batch_size=batch_size, shuffle=shuffle, sampler=sampler, batch_sampler=batch_sampler,
+                collate_fn=collate_fn, drop_last=drop_last, generator=generator,
+            )  # fmt: skip
+        except ValueError as exc:  # torch's own argument checks, word for word
+            raise ConfigError(str(exc)) from exc
+        self.dataset: Any = data
+        self.sampler = plan_loader.sampler
+        self.batch_sampler = plan_loader.batch_sampler
+        self.batch_size = plan_loader.batch_size
+        self.drop_last = drop_last
+        self.generator = generator
+        self.collate_fn = plan_loader.collate_fn
+        self.auto_collation = plan_loader.batch_sampler is not None
+        index_sampler: Any = plan_loader.batch_sampler if self.auto_collation else plan_loader.sampler
+        try:
+            self.steps_per_epoch = len(index_sampler)
+        except TypeError:
+            raise ConfigError("the sampler / batch_sampler must define __len__ (steps per epoch)") from None
+        if self.steps_per_epoch < 1:
+            raise ConfigError("the dataset and sampler give an empty epoch (no batch at all)")
+        self.linked = linked
+        self.planner = EpochPlanner(
+            index_sampler, loader_generator=generator, base_seed_every_epoch=True, dataset_len=len(data)
+        )
+        step_rows = getattr(index_sampler, "batch_size", None) if self.auto_collation else 1
+        self.redis_url = redis_url
+        self.run_id_given = run_id is not None
+        self.run_id = run_id if run_id is not None else uuid.uuid4().hex
+        self.consumer_id = DEFAULT_CONSUMER if consumer_id is None else str(consumer_id)
+        self.lease_seconds = float(lease_seconds)
+        self.retain_steps = _positive_int("retain_steps", retain_steps, 0)
+        self.durability = durability
+        self.wait_durable = False
+        self.allow_pickle = allow_pickle
+        self.fingerprint = fingerprint(data, index_sampler, len(data))
+        self.step_rows = step_rows if isinstance(step_rows, int) and step_rows > 0 else 1
+        ShardKeys.for_shard(self.run_id, self.rank)  # validates the run id now
+        self.auto_commit = True  # pr_loader.DataLoader turns this off and commits itself
+        self.epoch_from_store = False  # pr_loader.DataLoader workers read the pinned epoch from Redis
+        self._pinned_epoch: int | None = None
+        self._shard_state: _Shard | None = None
+        self.create_run = True  # False once a state_dict named the run: it must exist
+
+    # ------------------------------------------------------------------ configuration
+    def run_config(self) -> RunConfig:
+        return RunConfig(
+            run_id=self.run_id,
+            batch_size=self.step_rows,
+            steps_per_epoch=self.steps_per_epoch,
+            dataset_fingerprint=self.fingerprint,
+            seed=0 if self.generator is None else int(self.generator.initial_seed()),
+            policy=self.policy.name,
+            world_size=self.world_size,
+            rank=self.rank,
+            retain_steps=self.retain_steps,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pin the epoch the next ``iter()`` covers (needed with worker processes; see the module doc)."""
+        self._pinned_epoch = _positive_int("epoch", epoch, 0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_shard_state"] = None
+        return state
+
+    # ------------------------------------------------------------------ Redis handles
+    def shard(self) -> _Shard:
+        """This process's handles on the run shard (opened on first use, again after a fork)."""
+        shard = self._shard_state
+        if shard is None or shard.pid != os.getpid():
+            client = open_client(self.redis_url)
+            if self.durability is not None:
+                self.wait_durable = check_durability(client, self.durability).needs_wait
+            store = BatchStore.open(client, self.run_config(), create=self.create_run)
+            keys = ShardKeys.for_shard(self.run_id, self.rank)
+            shard = _Shard(os.getpid(), client, store, PlanStore(client, keys.prefix), keys)
+            self._shard_state = shard
+        return shard
+
+    def position(self) -> tuple[int, int, list[int]]:
+        """(next step at the cursor, committed_upto, requeued steps) of the shard, read cheaply."""
+        shard = self.shard()
+        pipe = shard.client.pipeline(transaction=False)
+        pipe.hmget(shard.keys.meta, ["next_step", "committed_upto"])
+        pipe.zrange(shard.keys.requeue, 0, -1)
+        (next_step, committed), requeued = pipe.execute()
+        return int(next_step), int(committed), sorted(int(s) for s in requeued)
+
+    def inflight_mine(self) -> list[int]:
+        """Steps in flight under this consumer id (claimed, not committed), ascending."""
+        shard = self.shard()
+        pipe = shard.client.pipeline(transaction=False)
+        pipe.zrange(shard.keys.leases, 0, -1)
+        pipe.hgetall(shard.keys.owners)
+        leased, owners = pipe.execute()
+        me = self.consumer_id.encode()
+        return sorted(int(s) for s in leased if owners.get(s) == me)
+
+    def close(self) -> None:
+        """Close this process's Redis connection (reopened on next use)."""
+        shard, self._shard_state = self._shard_state, None
+        if shard is not None and shard.pid == os.getpid():
+            shard.client.close()
+
+    @property
+    def iter_epoch_key(self) -> str:
+        return f"{self.shard().keys.prefix}iter_epoch:{self.consumer_id}"
+
+    # ------------------------------------------------------------------ plans and materialisation
+    def current_epoch(self) -> int:
+        """Epoch of the lowest step that is neither committed nor in flight (requeued steps included)."""
+        next_step, _, requeued = self.position()
+        return min([next_step, *requeued]) // self.steps_per_epoch
+
+    def ensure_plan(self, epoch: int) -> None:
+        """Store the plan of ``epoch`` unless present, drawing it like torch's ``iter(DataLoader)`` would."""
+        plans = self.shard().plans
+        if plans.exists(epoch):
+            state = plans.rng_state(epoch)
+            if state is not None:
+                self.planner.restore_rng(state)
+            return
+        if epoch > 0:
+            previous = plans.rng_state(epoch - 1)
+            if previous is not None:
+                self.planner.restore_rng(previous)
+        if self.auto_set_epoch is not None:
+            self.auto_set_epoch.set_epoch(epoch)
+        plan = self.planner.draw(epoch)
+        if plan.num_steps != self.steps_per_epoch:
+            raise ConfigError(
+                f"epoch {epoch} has {plan.num_steps} batches, the run has {self.steps_per_epoch} per epoch"
+            )
+        if not plans.save(epoch, plan):  # another consumer stored it first: continue from its state
+            state = plans.rng_state(epoch)
+            if state is not None:
+                self.planner.restore_rng(state)
+        keep = 2 + self.retain_steps // self.steps_per_epoch
+        plans.delete_epoch(epoch - keep)
+
+    def _read_items(self, indices: list[int]) -> list[Any]:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        try:
+            if callable(getitems):
+                return list(getitems(indices))
+            return [self.dataset[i] for i in indices]
+        except Exception as exc:
+            raise DatasetError(f"reading dataset items {indices[:8]}... failed: {exc!r}") from exc
+
+    def materialise(self, step: int) -> bool:
+        """Write the fresh batch of ``step`` from its plan (idempotent); True if this call wrote it."""
+        shard = self.shard()
+        if shard.store.is_materialised(step):
+            return False
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if not shard.plans.exists(epoch):
+            self.ensure_plan(epoch)
+        indices = shard.plans.batches(epoch, b, b)[0]
+        items = self._read_items(indices)
+        rows = [(i, codec.encode(item, allow_pickle=self.allow_pickle)) for i, item in zip(indices, items)]
+        return shard.store.materialise(step, rows)
+
+    def _materialise_for_claim(self, step: int, epoch_end: int) -> None:
+        """Help a blocked claim: materialise ``step`` or, in a worker, a later step no other worker is on."""
+        info = tud.get_worker_info()
+        if info is None:
+            self.materialise(step)
+            return
+        client = self.shard().client
+        for candidate in range(step, min(step + 2 * info.num_workers, epoch_end)):
+            lock = f"{self.shard().keys.prefix}matlock:{candidate}"
+            if client.set(lock, info.id, nx=True, px=int(self.lease_seconds * 1000)):
+                try:
+                    self.materialise(candidate)
+                finally:
+                    client.delete(lock)
+                return
+        time.sleep(0.001)  # every nearby step is being materialised by another worker
+
+    # ------------------------------------------------------------------ claiming
+    def release_inflight(self) -> list[int]:
+        """Undo this consumer's claimed-not-committed steps (a previous iterator's or a dead predecessor's):
+        their rows go back where they came from and the steps are claimed again next."""
+        mine = self.inflight_mine()
+        for step in mine:
+            self._unclaim(step)
+        if mine:
+            logger.info("consumer %s released in-flight steps %s", self.consumer_id, mine)
+        return mine
+
+    def _unclaim(self, step: int) -> None:
+        """Give a held step back at once: backdate its lease, then let lease expiry undo it."""
+        store = self.shard().store
+        now = time.time()
+        try:
+            store.renew(step, self.consumer_id, 1e-3, now=now - _PAST)
+        except LeaseLost:
+            return
+        store.expire_leases(now=now)
+
+    def claim_steps(self, epoch: int) -> Iterator[ClaimedStep]:
+        """Claim the steps of ``epoch`` (and requeued older ones) until the epoch is exhausted."""
+        shard = self.shard()
+        epoch_end = (epoch + 1) * self.steps_per_epoch
+        while True:
+            try:
+                claimed = shard.store.claim(self.consumer_id, self.lease_seconds)
+            except NeedsMaterialisation as need:
+                if need.step >= epoch_end:
+                    return
+                self._materialise_for_claim(need.step, epoch_end)
+                continue
+            if claimed is None:
+                return
+            if claimed.step >= epoch_end:  # materialised earlier (before a rollback): give it back
+                self._unclaim(claimed.step)
+                return
+            yield claimed
+
+    def commit(self, step: int) -> None:
+        """Commit ``step`` for this consumer (and wait for the fsync when durability needs it)."""
+        shard = self.shard()
+        shard.store.commit(step, self.consumer_id)
+        if self.wait_durable and isinstance(shard.client, redis.Redis):
+            wait_durable(shard.client)
+
+    def session(self, step: int) -> StepSession:
+        return StepSession(
+            store=self.shard().store,
+            step=step,
+            consumer_id=self.consumer_id,
+            policy=self.policy,
+            lease_seconds=self.lease_seconds,
+            materialise=self.materialise,
+            allow_pickle=self.allow_pickle,
+        )
+
+    def decode(self, claimed: ClaimedStep) -> list[Any]:
+        return [codec.decode(row.payload, allow_pickle=self.allow_pickle) for row in claimed.rows]
+
+    def collate(self, samples: list[Any]) -> Any:
+        """The user's collate function over the samples of one step (one sample without auto-collation)."""
+        if self.auto_collation:
+            return self.collate_fn(samples)
+        if len(samples) != 1:
+            raise StepStateError(f"a step without auto-collation must hold one sample, got {len(samples)}")
+        return self.collate_fn(samples[0])
+
+    def build(self, claimed: ClaimedStep) -> Any:
+        """What a claimed step yields: a bound view (``linked``) or the collated batch."""
+        if self.linked:
+            return LinkedDataProto.from_claim(claimed, self.session(claimed.step))
+        return self.collate(self.decode(claimed))
+
+    def epoch_for_iteration(self) -> int:
+        """The epoch the next ``iter()`` covers."""
+        if self._pinned_epoch is not None:
+            return self._pinned_epoch
+        if self.epoch_from_store:
+            raw = self.shard().client.get(self.iter_epoch_key)
+            if raw is None:
+                raise StepStateError("no epoch was pinned for this iteration by the main process")
+            return int(raw)
+        return self.current_epoch()
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch_for_iteration()
+        if tud.get_worker_info() is None:  # workers share the consumer id: only a lone process releases
+            self.release_inflight()
+        self.ensure_plan(epoch)
+        for claimed in self.claim_steps(epoch):
+            if not self.auto_commit:
+                yield claimed.step, (claimed if self.linked else self.build(claimed))
+                continue
+            yield self.build(claimed)
+            self.commit(claimed.step)
+        self._pinned_epoch = None
+

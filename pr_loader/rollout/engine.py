@@ -1,0 +1,147 @@
+"""The generation-engine interface the scheduler drives, and its request/output records.
+
+An engine runs requests with continuous batching on a fixed number of *slots* (concurrent sequences).
+A request continues a sample: ``prompt_ids`` plus ``prefix_ids`` (response tokens generated earlier, e.g.
+before a postpone) are prefilled, then at most ``max_new_tokens`` new tokens are decoded. ``step`` advances
+the engine and returns the requests that finished; ``abort`` stops requests and returns what they produced
+so far. ``clock`` is the engine's time in seconds (virtual for :class:`SimulatedEngine`, wall for
+:class:`TorchEngine`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from pr_loader.errors import EngineError
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+def as_token_array(values: object, what: str) -> IntArray:
+    """``values`` (list, ndarray or tensor of ints) as a 1-D int64 array; EngineError names ``what``."""
+    tolist = getattr(values, "tolist", None)
+    raw = tolist() if callable(tolist) else values
+    try:
+        arr = np.asarray(raw, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EngineError(f"{what} must be a sequence of token ids, got {type(values).__name__}") from exc
+    if arr.ndim != 1:
+        raise EngineError(f"{what} must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One generation request (one sample, possibly resumed from a partial response)."""
+
+    request_id: str
+    sample_id: str
+    prompt_ids: IntArray
+    max_new_tokens: int
+    prefix_ids: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    weights_version: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt_ids", as_token_array(self.prompt_ids, "prompt_ids"))
+        object.__setattr__(self, "prefix_ids", as_token_array(self.prefix_ids, "prefix_ids"))
+        if self.max_new_tokens < 0:
+            raise EngineError(f"request {self.request_id!r}: max_new_tokens must be >= 0")
+
+    @property
+    def context_len(self) -> int:
+        """Tokens prefilled before decoding: prompt plus prefix."""
+        return int(self.prompt_ids.size + self.prefix_ids.size)
+
+
+@dataclass
+class GenOutput:
+    """What one request generated (new tokens only; the request's prefix is not repeated)."""
+
+    request_id: str
+    sample_id: str
+    token_ids: IntArray
+    logprobs: FloatArray
+    finish_reason: FinishReason
+    weights_version: int
+
+    @property
+    def finished(self) -> bool:
+        """True when generation ended (EOS or token budget), False when it was aborted."""
+        return self.finish_reason != "abort"
+
+
+@dataclass(frozen=True)
+class SlotSpan:
+    """A slot busy with one request from ``start`` to ``end`` (engine clock), for timelines."""
+
+    slot: int
+    start: float
+    end: float
+    sample_id: str
+    request_id: str
+    finish_reason: FinishReason
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """The small interface the :class:`~pr_loader.rollout.Scheduler` needs from an engine."""
+
+    @property
+    def clock(self) -> float:
+        """Engine time in seconds (virtual or wall)."""
+
+    @property
+    def num_slots(self) -> int:
+        """Maximum number of concurrently decoded sequences."""
+
+    @property
+    def timeline(self) -> Sequence[SlotSpan]:
+        """Every finished or aborted slot occupancy so far, in completion order."""
+
+    def num_pending(self) -> int:
+        """Requests submitted and neither finished nor aborted (running or queued)."""
+
+    def submit(self, requests: Sequence[GenRequest]) -> None:
+        """Queue requests; they start when a slot is free (FIFO)."""
+
+    def step(self) -> list[GenOutput]:
+        """Advance the engine; return the outputs of requests that finished (possibly none)."""
+
+    def abort(self, request_ids: Sequence[str]) -> list[GenOutput]:
+        """Stop requests (running or queued); return their partial outputs."""
+
+
+class RequestBook:
+    """Request-id bookkeeping shared by the engines: rejects duplicates, checks abort ids."""
+
+    def __init__(self) -> None:
+        self._live: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def add(self, requests: Sequence[GenRequest]) -> None:
+        """Register new requests; EngineError on a duplicate id."""
+        ids = [r.request_id for r in requests]
+        dup = self._live.intersection(ids)
+        if dup or len(set(ids)) != len(ids):
+            name = sorted(dup)[0] if dup else next(i for i in ids if ids.count(i) > 1)
+            raise EngineError(f"request id {name!r} is already in flight")
+        self._live.update(ids)
+
+    def check(self, request_ids: Sequence[str]) -> None:
+        """EngineError if any id is not in flight."""
+        for rid in request_ids:
+            if rid not in self._live:
+                raise EngineError(f"request {rid!r} is not in flight")
+
+    def done(self, request_id: str) -> None:
+        """Forget a finished or aborted request."""
+        self._live.discard(request_id)

@@ -1,0 +1,112 @@
+"""Row assembly: per-row dicts <-> one :class:`~pr_loader.protocol.DataProto` (verl ``collate_fn`` semantics).
+
+Rule (docs/architecture.md): a key whose value is a torch tensor of the same dtype, shape and device in
+*every* row is stacked into ``batch``; any other key (missing in some rows, ragged shapes, mixed dtypes,
+numpy arrays, strings, numbers, nested dicts, ...) becomes a 1-D object array in ``non_tensor_batch``, with
+``None`` where a row lacks the key. :func:`dataproto_row` is the inverse for one row; it omits keys whose
+value is ``None``, so "missing" and "explicitly None" assemble and disassemble alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from pr_loader.errors import DataProtoError
+from pr_loader.protocol import DataProto
+from pr_loader.protocol_ops import NDArray, object_array
+
+__all__ = [
+    "FIELD_EPOCH",
+    "FIELD_FIRST_STEP",
+    "FIELD_INDEX",
+    "FIELD_SAMPLE_ID",
+    "FIELD_TIMES_POSTPONED",
+    "RESERVED_FIELDS",
+    "dataproto_row",
+    "rows_to_dataproto",
+]
+
+FIELD_SAMPLE_ID = "prl_sample_id"  # str "<epoch>:<index>", stable across postpones
+FIELD_INDEX = "prl_index"  # int, dataset index
+FIELD_EPOCH = "prl_epoch"  # int, epoch of the sample (not of the step delivering it)
+FIELD_TIMES_POSTPONED = "prl_times_postponed"  # int
+FIELD_FIRST_STEP = "prl_first_step"  # int, the step that first delivered the row
+RESERVED_FIELDS: tuple[str, ...] = (
+    FIELD_SAMPLE_ID,
+    FIELD_INDEX,
+    FIELD_EPOCH,
+    FIELD_TIMES_POSTPONED,
+    FIELD_FIRST_STEP,
+)
+
+D = TypeVar("D", bound=DataProto)
+_MISSING = object()
+
+
+def _stackable(values: list[Any]) -> bool:
+    first = values[0]
+    if type(first) is not torch.Tensor or first.layout is not torch.strided:
+        return False
+    return all(
+        type(v) is torch.Tensor
+        and v.layout is torch.strided
+        and v.dtype == first.dtype
+        and v.shape == first.shape
+        and v.device == first.device
+        for v in values[1:]
+    )
+
+
+def rows_to_dataproto(
+    cls: type[D], rows: Sequence[Mapping[str, Any]], *, meta_info: Mapping[str, Any] | None = None
+) -> D:
+    """Assemble ``rows`` (one dict per row, keys are ``str``) into an instance of ``cls``.
+
+    Keys keep their first-appearance order. Tensors are stacked (copied); other values are stored as they
+    are (not copied). ``meta_info`` is copied shallowly.
+    """
+    keys: dict[str, None] = {}
+    for position, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataProtoError(f"row {position} must be a dict, got {type(row).__name__}")
+        for key in row:
+            if not isinstance(key, str):
+                raise DataProtoError(f"row {position} has a non-str key {key!r}; row keys must be str")
+            keys.setdefault(key)
+    tensors: dict[str, torch.Tensor] = {}
+    columns: dict[str, NDArray] = {}
+    for key in keys:
+        values = [row.get(key, _MISSING) for row in rows]
+        if _stackable(values):
+            tensors[key] = torch.stack(values)
+        else:
+            columns[key] = object_array([None if v is _MISSING else v for v in values])
+    batch: TensorDictBase | None = None
+    if tensors or (rows and not columns):  # keep the row count even when rows hold no keys
+        batch = TensorDict(tensors, batch_size=[len(rows)])
+    return cls._from_parts(batch, columns, dict(meta_info or {}))
+
+
+def dataproto_row(dp: DataProto, i: int) -> dict[str, Any]:
+    """Row ``i`` of ``dp`` as a dict (inverse of :func:`rows_to_dataproto` for one row).
+
+    Tensors are views into ``dp``'s tensors; ``None`` values are omitted; nested TensorDicts become dicts.
+    """
+    length = len(dp)
+    if not isinstance(i, int | np.integer) or isinstance(i, bool) or not -length <= i < length:
+        raise DataProtoError(f"row index {i!r} out of range for {length} rows")
+    row: dict[str, Any] = {}
+    if dp.batch is not None:
+        for key, value in dp.batch.items():
+            item = value[i]
+            row[key] = item.to_dict() if isinstance(item, TensorDictBase) else item
+    for key, column in dp.non_tensor_batch.items():
+        value = column[i]
+        if value is not None:
+            row[key] = value
+    return row

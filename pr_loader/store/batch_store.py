@@ -1,0 +1,445 @@
+"""BatchStore: the Redis data model of one rank shard of a run (see docs/architecture.md).
+
+Every multi-key change is one Lua script (:mod:`pr_loader.store.scripts`); this module validates arguments,
+builds refs, retries connection errors with the same op id and maps script replies to exceptions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import msgpack
+import redis
+from redis.commands.core import Script
+
+from pr_loader.errors import (
+    ConfigError,
+    LeaseLost,
+    NeedsMaterialisation,
+    NoStepReady,
+    RollbackOutOfRange,
+    RowsNotInStep,
+    RunConfigMismatch,
+    RunNotFound,
+    StepStateError,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailable,
+    UnsupportedSchema,
+)
+from pr_loader.store import scripts
+from pr_loader.store.keys import ShardKeys
+from pr_loader.store.records import (
+    ClaimedStep,
+    DeadLetter,
+    PostponedRow,
+    PrefetchResult,
+    RowRef,
+    RunConfig,
+    StepLease,
+    StoredRow,
+    StoreStats,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "1"
+# meta fields that must match on re-open, in the order they are checked
+_IDENTITY = (
+    "run_id", "dataset_fingerprint", "batch_size", "steps_per_epoch", "seed", "policy", "world_size",
+    "rank", "num_epochs",
+)
+_INT_FIELDS = frozenset({"batch_size", "steps_per_epoch", "seed", "world_size", "rank", "num_epochs"})
+_T = TypeVar("_T")
+
+
+def _address(client: Any) -> str:
+    """host:port (or socket path) of a client, for error messages; never credentials."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None) or {}
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    if "host" in kwargs:
+        return f"{kwargs['host']}:{kwargs.get('port', 6379)}"
+    return type(client).__name__
+
+
+def _meta_value(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def _typed(name: str, raw: str) -> object:
+    if name in _INT_FIELDS:
+        return None if raw == "" else int(raw)
+    return raw
+
+
+def _text(value: bytes) -> str:
+    return value.decode()
+
+
+class BatchStore:
+    """Durable batch store of one rank shard of a run. Create it with :meth:`open`."""
+
+    def __init__(self, client: Any, config: RunConfig, *, retry_seconds: float = 30.0) -> None:
+        encoder = getattr(client, "get_encoder", None)
+        if encoder is not None and encoder().decode_responses:
+            raise ConfigError("BatchStore needs a redis client with decode_responses=False")
+        self._client = client
+        self._config = config
+        self._keys = ShardKeys.for_shard(config.run_id, config.rank)
+        self._retry_seconds = retry_seconds
+        self._address = _address(client)
+        self._scripts: dict[str, Script] = {
+            name: client.register_script(getattr(scripts, name))
+            for name in ("OPEN", "MATERIALISE", "CLAIM", "RENEW", "COMMIT", "POSTPONE", "PREFETCH",
+                         "DEAD_LETTER", "EXPIRE", "ROLLBACK", "READ_ROWS")
+        }
+
+    @classmethod
+    def open(
+        cls, client: Any, config: RunConfig, *, create: bool = True, retry_seconds: float = 30.0
+    ) -> BatchStore:
+        """Create the shard's meta or check it against ``config``.
+
+        Raises RunConfigMismatch(field, stored, given), RunNotFound (create=False and no run) or
+        UnsupportedSchema. ``retain_steps`` is not part of the identity: a different value updates the run.
+        """
+        store = cls(client, config, retry_seconds=retry_seconds)
+        fields: list[str] = ["schema", SCHEMA, "created_at", repr(time.time()),
+                             "retain_steps", str(config.retain_steps)]
+        for name in _IDENTITY:
+            fields += [name, _meta_value(getattr(config, name))]
+        reply = store._script("OPEN", "1" if create else "0", *fields)
+        if reply[0] == b"missing":
+            raise RunNotFound(f"run {config.run_id!r} rank {config.rank} not found at {store._address}")
+        if reply[0] == b"exists":
+            raw = reply[1]
+            stored = {_text(raw[i]): _text(raw[i + 1]) for i in range(0, len(raw), 2)}
+            store._check_meta(stored)
+        return store
+
+    def _check_meta(self, stored: dict[str, str]) -> None:
+        if stored.get("schema") != SCHEMA:
+            raise UnsupportedSchema(
+                f"run {self._config.run_id!r} has store schema {stored.get('schema')!r}; "
+                f"this pr_loader reads schema {SCHEMA!r}"
+            )
+        for name in _IDENTITY:
+            given = getattr(self._config, name)
+            if stored.get(name) != _meta_value(given):
+                raise RunConfigMismatch(name, _typed(name, stored.get(name, "")), given)
+        if stored.get("retain_steps") != str(self._config.retain_steps):
+            logger.info("run %s: retain_steps %s -> %s", self._config.run_id, stored.get("retain_steps"),
+                        self._config.retain_steps)
+            self._retrying(lambda: self._client.hset(self._keys.meta, "retain_steps",
+                                                     str(self._config.retain_steps)))
+
+    @property
+    def config(self) -> RunConfig:
+        return self._config
+
+    @property
+    def keys(self) -> ShardKeys:
+        return self._keys
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _retrying(self, call: Callable[[], _T]) -> _T:
+        """Run call, retrying connection errors with backoff for up to retry_seconds."""
+        deadline = time.monotonic() + self._retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return call()
+            except redis.AuthenticationError as exc:
+                raise StoreAuthError(f"Redis at {self._address} refused the credentials") from exc
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(
+                        f"Redis at {self._address} unreachable for {self._retry_seconds:g}s "
+                        f"({type(exc).__name__})"
+                    ) from exc
+                logger.warning("Redis at %s: %s; retrying in %.2fs", self._address, type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _script(self, name: str, *args: str | bytes | int) -> list[Any]:
+        script = self._scripts[name]
+        argv = [self._keys.prefix, *args]
+        reply: list[Any] = self._retrying(lambda: script(keys=[self._keys.meta], args=argv))
+        return reply
+
+    def _raise_for(self, reply: list[Any], step: int | None = None) -> None:
+        if reply[0] != b"ok":
+            self._fail(reply, step)
+
+    @staticmethod
+    def _fail(reply: list[Any], step: int | None = None) -> NoReturn:
+        status, detail = reply[0], reply[1]
+        if status == b"state" or status == b"target":
+            raise StepStateError(_text(detail))
+        if status == b"lease_lost":
+            raise LeaseLost(_text(detail))
+        if status == b"missing":
+            refs = ", ".join(_text(r) for r in detail)
+            raise RowsNotInStep(f"rows not in step {step}: {refs}")
+        raise StoreError(f"unexpected store reply {status!r}")
+
+    def _rows(self, refs: list[bytes], payloads: list[bytes | None]) -> list[StoredRow]:
+        rows = []
+        for ref, payload in zip(refs, payloads):
+            if payload is None:
+                raise StoreError(f"payload of row {_text(ref)!r} is missing from run {self._config.run_id!r}")
+            rows.append(StoredRow(RowRef.parse(_text(ref)), payload))
+        return rows
+
+    @staticmethod
+    def _now(now: float | None) -> float:
+        return time.time() if now is None else float(now)
+
+    @staticmethod
+    def _op(op_id: str | None) -> str:
+        if op_id is None:
+            return uuid.uuid4().hex
+        if not op_id or any(ch.isspace() for ch in op_id):
+            raise ConfigError(f"op_id must be non-empty without whitespace, got {op_id!r}")
+        return op_id
+
+    def _check_step(self, step: int, what: str = "step") -> None:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ConfigError(f"{what} must be an int >= 0, got {step!r}")
+
+    def _log_expired(self, expired: list[bytes]) -> None:
+        for step in expired:
+            logger.warning("run %s rank %d: lease of step %s expired; its rows were returned",
+                           self._config.run_id, self._config.rank, _text(step))
+
+    # -- operations -------------------------------------------------------------------------------
+
+    def is_materialised(self, step: int) -> bool:
+        """Whether the fresh batch of ``step`` was written (and not yet garbage-collected)."""
+        return bool(self._retrying(lambda: self._client.hexists(self._keys.materialised, step)))
+
+    def materialise(self, step: int, rows: Sequence[tuple[int, bytes]]) -> bool:
+        """Write the fresh batch of ``step`` as (dataset index, payload) pairs; False if it already was."""
+        self._check_step(step)
+        total = self._config.total_steps
+        if total is not None and step >= total:
+            raise ConfigError(f"step {step} is a drain step (run has {total} steps); it has no fresh batch")
+        epoch = step // self._config.steps_per_epoch
+        args: list[str | bytes] = [str(step)]
+        seen: set[int] = set()
+        for index, payload in rows:
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0 or index in seen:
+                raise ConfigError(f"step {step}: dataset index {index!r} is invalid or repeated")
+            if not isinstance(payload, (bytes, bytearray, memoryview)):
+                raise ConfigError(f"step {step}: payload of index {index} must be bytes")
+            seen.add(index)
+            args += [f"{epoch}:{index}:0:-", bytes(payload)]
+        reply = self._script("MATERIALISE", *args)
+        return bool(reply[1])
+
+    def claim(
+        self, consumer_id: str, lease_seconds: float, *, now: float | None = None, op_id: str | None = None
+    ) -> ClaimedStep | None:
+        """Lease the next step: requeued steps first, else the cursor step. None when the run is finished.
+
+        Raises NeedsMaterialisation(step) if the cursor step has no batch yet, NoStepReady if only leased
+        steps remain (they may still postpone rows or expire).
+        """
+        if lease_seconds <= 0:
+            raise ConfigError(f"lease_seconds must be > 0, got {lease_seconds!r}")
+        now_ = self._now(now)
+        expiry = now_ + float(lease_seconds)
+        reply = self._script("CLAIM", self._op(op_id), consumer_id, repr(now_), repr(expiry))
+        status = reply[0]
+        if status == b"ok":
+            self._log_expired(reply[3])
+            return ClaimedStep(int(reply[1]), self._rows(reply[4], reply[5]), float(reply[2]))
+        if status == b"needs":
+            self._log_expired(reply[2])
+            raise NeedsMaterialisation(int(reply[1]))
+        if status == b"wait":
+            self._log_expired(reply[2])
+            raise NoStepReady(float(reply[1]))
+        if status == b"done":
+            self._log_expired(reply[1])
+            return None
+        self._fail(reply)
+
+    def renew(self, step: int, consumer_id: str, lease_seconds: float, *, now: float | None = None) -> float:
+        """Extend the lease of a step held by ``consumer_id``; returns the new expiry. LeaseLost if lost."""
+        now_ = self._now(now)
+        expiry = now_ + float(lease_seconds)
+        self._raise_for(self._script("RENEW", str(step), consumer_id, repr(now_), repr(expiry)), step)
+        return expiry
+
+    def commit(
+        self, step: int, consumer_id: str, *, now: float | None = None, op_id: str | None = None
+    ) -> None:
+        """Commit a leased step (LeaseLost / StepStateError otherwise) and garbage-collect old steps."""
+        reply = self._script("COMMIT", self._op(op_id), str(step), consumer_id, repr(self._now(now)))
+        self._raise_for(reply, step)
+
+    def postpone(
+        self,
+        step: int,
+        consumer_id: str,
+        rows: Sequence[tuple[RowRef, bytes]],
+        target_step: int,
+        *,
+        now: float | None = None,
+        op_id: str | None = None,
+    ) -> list[RowRef]:
+        """Move rows of ``step`` to the end of ``arrivals:<target_step>`` as new versions with new payloads.
+
+        Returns the new refs in order. RowsNotInStep if a ref is not in the step (nothing changes);
+        StepStateError if the target is not after ``step`` or was already claimed.
+        """
+        self._check_step(target_step, "target_step")
+        if target_step <= step:
+            raise StepStateError(f"postpone target {target_step} must be after step {step}")
+        args: list[str | bytes] = [str(target_step)]
+        new_refs: list[RowRef] = []
+        seen: set[str] = set()
+        for ref, payload in rows:
+            old = ref.encode()
+            if old in seen:
+                raise ConfigError(f"row {old!r} is given twice to postpone")
+            seen.add(old)
+            new = ref.postponed(step)
+            new_refs.append(new)
+            args += [old, new.encode(), bytes(payload)]
+        if not new_refs:
+            return []
+        reply = self._script("POSTPONE", self._op(op_id), str(step), consumer_id, repr(self._now(now)), *args)
+        self._raise_for(reply, step)
+        return new_refs
+
+    def prefetch(
+        self,
+        step: int,
+        consumer_id: str,
+        count: int,
+        last_source_step: int,
+        *,
+        now: float | None = None,
+        op_id: str | None = None,
+    ) -> PrefetchResult:
+        """Take up to ``count`` fresh rows from the heads of steps step+1 .. last_source_step into ``step``.
+
+        Stops at the first unmaterialised source step and names it in ``needs_materialise``.
+        """
+        if count < 0:
+            raise ConfigError(f"prefetch count must be >= 0, got {count!r}")
+        reply = self._script("PREFETCH", self._op(op_id), str(step), consumer_id, repr(self._now(now)),
+                             str(count), str(last_source_step))
+        self._raise_for(reply, step)
+        needs = int(reply[1])
+        return PrefetchResult(self._rows(reply[2], reply[3]), None if needs < 0 else needs)
+
+    def expire_leases(self, *, now: float | None = None) -> list[int]:
+        """Return the rows of steps whose lease ran out before ``now``; returns those steps."""
+        reply = self._script("EXPIRE", repr(self._now(now)))
+        self._log_expired(reply[1])
+        return [int(s) for s in reply[1]]
+
+    def rollback(self, to_step: int, *, op_id: str | None = None) -> None:
+        """Undo everything after committed step ``to_step`` (-1 = fresh run) in one atomic script.
+
+        RollbackOutOfRange if to_step is below the retained journal or after committed_upto.
+        """
+        reply = self._script("ROLLBACK", self._op(op_id), str(to_step))
+        if reply[0] == b"range":
+            raise RollbackOutOfRange(
+                f"cannot roll back run {self._config.run_id!r} to step {to_step}: "
+                f"allowed {int(reply[1])} .. {int(reply[2])}"
+            )
+        self._raise_for(reply)
+
+    def dead_letter(self, step: int, ref: RowRef, reason: str, *, op_id: str | None = None) -> None:
+        """Take ``ref`` out of in-flight ``step`` into the dead-letter list (kept with its payload)."""
+        encoded = ref.encode()
+        payload = self._retrying(lambda: self._client.hget(self._keys.payloads, encoded))
+        record = msgpack.packb(
+            {"ref": encoded, "step": step, "reason": reason, "payload": payload or b"", "at": time.time()}
+        )
+        reply = self._script("DEAD_LETTER", self._op(op_id), str(step), encoded, record)
+        self._raise_for(reply, step)
+        logger.warning("run %s: row %s of step %d dead-lettered: %s", self._config.run_id, encoded, step,
+                       reason)
+
+    def dead_letters(self, start: int = 0, end: int = -1) -> list[DeadLetter]:
+        """Dead-letter records (LRANGE semantics for start/end)."""
+        raw = self._retrying(lambda: self._client.lrange(self._keys.dead, start, end))
+        out = []
+        for item in raw:
+            rec = msgpack.unpackb(item)
+            out.append(DeadLetter(RowRef.parse(rec["ref"]), rec["step"], rec["reason"], rec["payload"],
+                                  rec["at"]))
+        return out
+
+    def read_rows(self, step: int) -> list[StoredRow]:
+        """Current rows of a step (rows of a claimed step, else arrivals then fresh rows); read-only."""
+        reply = self._script("READ_ROWS", str(step))
+        return self._rows(reply[1], reply[2])
+
+    def stats(self) -> StoreStats:
+        """Counts of upcoming rows, postponed rows and their staleness, leases and dead letters."""
+        keys = self._keys
+        meta = self._retrying(lambda: self._client.hgetall(keys.meta))
+        next_step = int(meta[b"next_step"])
+        last = max(next_step, int(meta.get(b"max_target", b"-1")))
+        mat = self._retrying(lambda: self._client.hkeys(keys.materialised))
+        requeued = [int(s) for s in self._retrying(lambda: self._client.zrange(keys.requeue, 0, -1))]
+        candidates = sorted({int(s) for s in mat} | set(range(next_step, last + 1)) | set(requeued))
+
+        def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for s in candidates:
+                pipe.lrange(keys.arrivals(s), 0, -1)
+                pipe.llen(keys.batch(s))
+            pipe.zrange(keys.leases, 0, -1, withscores=True)
+            pipe.hgetall(keys.owners)
+            pipe.llen(keys.dead)
+            pipe.hlen(keys.payloads)
+            return list(pipe.execute())
+
+        res = self._retrying(read)
+        stats = StoreStats(next_step, int(meta[b"committed_upto"]), int(meta[b"gc_floor"]),
+                           requeued=requeued)
+        for i, s in enumerate(candidates):
+            arrivals, fresh = res[2 * i], int(res[2 * i + 1])
+            if arrivals or fresh:
+                stats.upcoming[s] = (len(arrivals), fresh)
+            for raw in arrivals:
+                ref = RowRef.parse(_text(raw))
+                if ref.version > 0:
+                    first = s if ref.first_step is None else ref.first_step
+                    stats.postponed.append(PostponedRow(ref, s, s - first))
+        leases, owners, stats.dead_letters, stats.payloads = res[2 * len(candidates):]
+        stats.in_flight = [StepLease(int(s), _text(owners.get(s, b"")), float(exp)) for s, exp in leases]
+        try:
+            stats.memory_bytes = self._client.memory_usage(keys.payloads)
+        except redis.ResponseError:
+            stats.memory_bytes = None
+        return stats
+
+    def delete_run(self) -> int:
+        """Delete every key of this shard; returns how many were deleted."""
+        pattern = self._keys.scan_pattern()
+
+        def delete() -> int:
+            found = list(self._client.scan_iter(match=pattern, count=1000))
+            deleted = 0
+            for i in range(0, len(found), 500):
+                deleted += int(self._client.delete(*found[i:i + 500]))
+            return deleted
+
+        count = self._retrying(delete)
+        logger.info("run %s rank %d: deleted %d keys", self._config.run_id, self._config.rank, count)
+        return count

@@ -1,0 +1,80 @@
+"""Every Redis key name of one run shard (``prl:{<run_id>:<rank>}:...``).
+
+All keys of a shard share the hash tag ``{<run_id>:<rank>}``, so they live in one Redis Cluster slot and every
+Lua script of the shard is atomic and cluster-safe. Scripts receive :attr:`ShardKeys.prefix` and build the
+per-step names below themselves; keep the two in sync (``scripts.py`` uses the same suffixes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pr_loader.errors import ConfigError
+
+_FORBIDDEN = "{}\n\r\t "
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """Key names of one rank shard of a run."""
+
+    prefix: str
+
+    @classmethod
+    def for_shard(cls, run_id: str, rank: int) -> ShardKeys:
+        """Keys of shard ``rank`` of ``run_id``; rejects ids that would break the hash tag."""
+        if not run_id or any(ch in run_id for ch in _FORBIDDEN):
+            raise ConfigError(f"run_id {run_id!r} must be non-empty without braces or whitespace")
+        return cls(f"prl:{{{run_id}:{rank}}}:")
+
+    @property
+    def meta(self) -> str:
+        return self.prefix + "meta"
+
+    @property
+    def steps(self) -> str:
+        return self.prefix + "steps"
+
+    @property
+    def leases(self) -> str:
+        return self.prefix + "leases"
+
+    @property
+    def owners(self) -> str:
+        return self.prefix + "owners"
+
+    @property
+    def requeue(self) -> str:
+        return self.prefix + "requeue"
+
+    @property
+    def payloads(self) -> str:
+        return self.prefix + "payloads"
+
+    @property
+    def dead(self) -> str:
+        return self.prefix + "dead"
+
+    @property
+    def materialised(self) -> str:
+        return self.prefix + "materialised"
+
+    def batch(self, step: int) -> str:
+        return f"{self.prefix}batch:{step}"
+
+    def arrivals(self, step: int) -> str:
+        return f"{self.prefix}arrivals:{step}"
+
+    def rows(self, step: int) -> str:
+        return f"{self.prefix}rows:{step}"
+
+    def journal(self, step: int) -> str:
+        return f"{self.prefix}journal:{step}"
+
+    def op(self, op_id: str) -> str:
+        return f"{self.prefix}op:{op_id}"
+
+    def scan_pattern(self) -> str:
+        """A SCAN MATCH pattern for every key of the shard (glob characters escaped)."""
+        escaped = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.prefix)
+        return escaped + "*"

@@ -1,0 +1,145 @@
+"""Value types of the batch store: run settings, row refs, claimed steps, statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pr_loader.errors import ConfigError, StoreError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one rank shard of a run; all but ``retain_steps`` must match on re-open."""
+
+    run_id: str
+    batch_size: int
+    steps_per_epoch: int
+    dataset_fingerprint: str
+    seed: int = 0
+    policy: str = "FixedBatch"
+    world_size: int = 1
+    rank: int = 0
+    num_epochs: int | None = None
+    retain_steps: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "steps_per_epoch", "world_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank must be in [0, {self.world_size}), got {self.rank!r}")
+        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
+            raise ConfigError(f"num_epochs must be None or a positive int, got {self.num_epochs!r}")
+        if not isinstance(self.retain_steps, int) or self.retain_steps < 0:
+            raise ConfigError(f"retain_steps must be an int >= 0, got {self.retain_steps!r}")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an int, got {self.seed!r}")
+
+    @property
+    def total_steps(self) -> int | None:
+        """Steps of all epochs (drain steps come after), or None for an endless run."""
+        return None if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
+
+
+@dataclass(frozen=True, slots=True)
+class RowRef:
+    """A parsed ref ``"<epoch>:<index>:<version>:<first_step or ->"`` naming one immutable payload."""
+
+    epoch: int
+    index: int
+    version: int = 0
+    first_step: int | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> RowRef:
+        """Parse a ref string; StoreError if it is malformed."""
+        try:
+            epoch, index, version, first = ref.split(":")
+            return cls(int(epoch), int(index), int(version), None if first == "-" else int(first))
+        except ValueError:
+            raise StoreError(f"malformed row ref {ref!r}") from None
+
+    def key(self) -> str:
+        """The sample's id across versions, ``"<epoch>:<index>"``."""
+        return f"{self.epoch}:{self.index}"
+
+    def encode(self) -> str:
+        """The ref string."""
+        first = "-" if self.first_step is None else self.first_step
+        return f"{self.epoch}:{self.index}:{self.version}:{first}"
+
+    def postponed(self, step: int) -> RowRef:
+        """The next version, first delivered at ``first_step`` or else at ``step``."""
+        first = step if self.first_step is None else self.first_step
+        return RowRef(self.epoch, self.index, self.version + 1, first)
+
+
+@dataclass
+class StoredRow:
+    """One row of a step: its ref and payload bytes."""
+
+    ref: RowRef
+    payload: bytes
+
+
+@dataclass
+class ClaimedStep:
+    """A leased step: arrivals first, then fresh rows."""
+
+    step: int
+    rows: list[StoredRow]
+    lease_expiry: float
+
+
+@dataclass
+class PrefetchResult:
+    """Rows taken from later steps, and the first later step that must be materialised first (if any)."""
+
+    rows: list[StoredRow]
+    needs_materialise: int | None
+
+
+@dataclass
+class DeadLetter:
+    """A row taken out of the run, with the reason and its last payload."""
+
+    ref: RowRef
+    step: int
+    reason: str
+    payload: bytes
+    at: float
+
+
+@dataclass
+class StepLease:
+    """An in-flight step."""
+
+    step: int
+    owner: str
+    expiry: float
+
+
+@dataclass
+class PostponedRow:
+    """A postponed row waiting in ``arrivals`` of ``target_step``; staleness = target - first_step."""
+
+    ref: RowRef
+    target_step: int
+    staleness: int
+
+
+@dataclass
+class StoreStats:
+    """A snapshot of one shard (see :meth:`BatchStore.stats`)."""
+
+    next_step: int
+    committed_upto: int
+    gc_floor: int
+    upcoming: dict[int, tuple[int, int]] = field(default_factory=dict)  # step -> (arrivals, fresh)
+    postponed: list[PostponedRow] = field(default_factory=list)
+    in_flight: list[StepLease] = field(default_factory=list)
+    requeued: list[int] = field(default_factory=list)
+    dead_letters: int = 0
+    payloads: int = 0
+    memory_bytes: int | None = None

@@ -1,0 +1,466 @@
+"""Every Lua script of the batch store, each headed by its KEYS/ARGV contract and return value.
+
+Conventions shared by all scripts:
+
+* ``KEYS[1]`` is always the shard's ``meta`` key (it routes the call in Redis Cluster) and ``ARGV[1]`` the
+  shard prefix ``prl:{<run_id>:<rank>}:``. Scripts build the other key names from the prefix (same suffixes
+  as :mod:`pr_loader.store.keys`). Every such key carries the shard's hash tag, so it lives in the same
+  cluster slot as ``KEYS[1]``: Redis Cluster accepts undeclared keys of the script's own slot.
+* A mutating script takes an ``op_id``. It first looks for ``op:<op_id>``; if present the operation was
+  already applied and the stored result is returned. Otherwise the script applies the change and stores its
+  result under ``op:<op_id>`` (TTL one day) in the same atomic step, so a retried call never applies twice.
+* Scripts return a table whose first element is a status string: ``ok`` or an error code the Python side maps
+  to an exception (``state``, ``lease_lost``, ``missing``, ``target``, ``needs``, ``range``, ``wait``,
+  ``done``). Steps are returned as integers, timestamps as strings (Lua numbers would be truncated).
+* Journal entries of step s (list ``journal:<s>``) are space-separated words ``<seq> <kind> ...`` where
+  ``seq`` is a shard-wide counter (``meta.seq``): ``C <n_arrivals> <refs...>`` (claim: original arrivals then
+  fresh refs), ``F <source> <refs...>`` (prefetch), ``P <target> <old> <new> ...`` (postpone pairs),
+  ``D <ref>`` (dead letter). Refs never contain spaces.
+"""
+
+from __future__ import annotations
+
+# Shared helpers, prepended to every script that needs them.
+_LIB = r"""
+local P = ARGV[1]
+local unpack = unpack or table.unpack
+local K_META, K_STEPS, K_OWNERS = P .. 'meta', P .. 'steps', P .. 'owners'
+local K_LEASES, K_REQUEUE, K_PAYLOADS = P .. 'leases', P .. 'requeue', P .. 'payloads'
+local K_MAT = P .. 'materialised'
+local CHUNK = 1000
+
+local function push_all(cmd, key, list)
+  for i = 1, #list, CHUNK do
+    redis.call(cmd, key, unpack(list, i, math.min(i + CHUNK - 1, #list)))
+  end
+end
+
+local function push_front(key, list)  -- LPUSH keeping the list's order at the head
+  local rev = {}
+  for i = #list, 1, -1 do rev[#rev + 1] = list[i] end
+  push_all('LPUSH', key, rev)
+end
+
+local function hdel_all(fields)
+  for i = 1, #fields, CHUNK do
+    redis.call('HDEL', K_PAYLOADS, unpack(fields, i, math.min(i + CHUNK - 1, #fields)))
+  end
+end
+
+local function payloads_of(refs)
+  local out = {}
+  for i = 1, #refs, CHUNK do
+    local part = redis.call('HMGET', K_PAYLOADS, unpack(refs, i, math.min(i + CHUNK - 1, #refs)))
+    for n = 1, #part do out[#out + 1] = part[n] end
+  end
+  return out
+end
+
+local function split(str)
+  local words = {}
+  for w in string.gmatch(str, '%S+') do words[#words + 1] = w end
+  return words
+end
+
+local function op_result(op_id)
+  return redis.call('GET', P .. 'op:' .. op_id)
+end
+
+local function op_store(op_id, result)
+  redis.call('SET', P .. 'op:' .. op_id, result, 'EX', 86400)
+end
+
+local function meta_num(field)
+  return tonumber(redis.call('HGET', K_META, field))
+end
+
+local function total_steps()  -- E*S, or nil for an endless run
+  local e = redis.call('HGET', K_META, 'num_epochs')
+  if e == '' then return nil end
+  return tonumber(e) * meta_num('steps_per_epoch')
+end
+
+local function claimed(t)  -- claimed, committed, skipped or garbage-collected
+  return t < meta_num('gc_floor') or redis.call('HEXISTS', K_STEPS, t) == 1
+end
+
+local function journal(s, kind, words)
+  local seq = redis.call('HINCRBY', K_META, 'seq', 1)
+  local body = seq .. ' ' .. kind
+  if #words > 0 then body = body .. ' ' .. table.concat(words, ' ') end
+  redis.call('RPUSH', P .. 'journal:' .. s, body)
+end
+
+-- nil if consumer holds a live lease on step s, else an error reply
+local function check_lease(s, consumer, now)
+  local state = redis.call('HGET', K_STEPS, s)
+  if state ~= 'inflight' then
+    return {'state', 'step ' .. s .. ' is not in flight (' .. (state or 'unclaimed') .. ')'}
+  end
+  local owner = redis.call('HGET', K_OWNERS, s)
+  if owner ~= consumer then return {'lease_lost', 'step ' .. s .. ' is leased to ' .. tostring(owner)} end
+  local expiry = redis.call('ZSCORE', K_LEASES, s)
+  if tonumber(expiry) < tonumber(now) then
+    return {'lease_lost', 'lease of step ' .. s .. ' expired at ' .. expiry}
+  end
+  return nil
+end
+
+-- Undo one journal entry (words w) of step s. ctx.ex: refs that must not come back (dead letters, rows kept
+-- by a claimed step); ctx.extras[s]: segments of prefetched refs that could not go back to their source.
+local function undo_entry(s, w, ctx)
+  local kind = w[2]
+  if kind == 'D' then
+    ctx.ex[w[3]] = true
+  elseif kind == 'P' then
+    local t = tonumber(w[3])
+    local t_claimed = claimed(t)
+    for i = #w - 1, 4, -2 do
+      local old, new = w[i], w[i + 1]
+      if (not t_claimed) and redis.call('LREM', P .. 'arrivals:' .. t, 1, new) == 1 then
+        redis.call('HDEL', K_PAYLOADS, new)
+      else
+        ctx.ex[old] = true  -- the new version lives on elsewhere (or is dead): the old one must not return
+      end
+    end
+  elseif kind == 'F' then
+    local t = tonumber(w[3])
+    local keep = {}
+    for i = 4, #w do
+      if not ctx.ex[w[i]] then keep[#keep + 1] = w[i] end
+    end
+    if #keep > 0 then
+      if claimed(t) then
+        ctx.extras[s] = ctx.extras[s] or {}
+        table.insert(ctx.extras[s], 1, keep)
+      else
+        push_all('LPUSH', P .. 'batch:' .. t, keep)
+      end
+    end
+  elseif kind == 'C' then
+    local na = tonumber(w[3])
+    local arr, bat = {}, {}
+    for i = 4, #w do
+      if not ctx.ex[w[i]] then
+        if i - 3 <= na then arr[#arr + 1] = w[i] else bat[#bat + 1] = w[i] end
+      end
+    end
+    for _, seg in ipairs(ctx.extras[s] or {}) do
+      for _, r in ipairs(seg) do bat[#bat + 1] = r end
+    end
+    redis.call('DEL', P .. 'arrivals:' .. s, P .. 'batch:' .. s, P .. 'rows:' .. s)
+    push_all('RPUSH', P .. 'arrivals:' .. s, arr)
+    push_all('RPUSH', P .. 'batch:' .. s, bat)
+    redis.call('HDEL', K_STEPS, s)
+    redis.call('HDEL', K_OWNERS, s)
+    redis.call('ZREM', K_LEASES, s)
+  end
+end
+
+-- Return the rows of every in-flight step whose lease expired before now to where they came from, as far
+-- as is safe, and queue the step for a new claim. Returns the expired steps.
+local function expire_due(now)
+  local due = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', '(' .. now)
+  for _, sv in ipairs(due) do
+    local s = tonumber(sv)
+    local ctx = {ex = {}, extras = {}}
+    local entries = redis.call('LRANGE', P .. 'journal:' .. s, 0, -1)
+    for i = #entries, 1, -1 do undo_entry(s, split(entries[i]), ctx) end
+    redis.call('DEL', P .. 'journal:' .. s)
+    redis.call('ZADD', K_REQUEUE, s, s)
+  end
+  return due
+end
+"""
+
+# OPEN: create the run's meta hash or return the stored one.
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] "1" to create if missing, ARGV[3..] field, value pairs.
+# Returns {'created'} | {'missing'} | {'exists', <HGETALL meta>}.
+OPEN = r"""
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'exists', redis.call('HGETALL', KEYS[1])}
+end
+if ARGV[2] ~= '1' then return {'missing'} end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'next_step', 0, 'committed_upto', -1, 'gc_floor', 0, 'seq', 0)
+return {'created'}
+"""
+
+# MATERIALISE: store the fresh batch of a step once (refs "<e>:<i>:0:-" and their payloads).
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] step, ARGV[3..] ref, payload pairs.
+# Returns {'ok', 1} when written, {'ok', 0} when the step was already materialised, claimed or collected.
+MATERIALISE = _LIB + r"""
+local s = tonumber(ARGV[2])
+if redis.call('HEXISTS', K_MAT, s) == 1 or claimed(s) then return {'ok', 0} end
+local refs, pairs_ = {}, {}
+for i = 3, #ARGV, 2 do
+  refs[#refs + 1] = ARGV[i]
+  pairs_[#pairs_ + 1] = ARGV[i]
+  pairs_[#pairs_ + 1] = ARGV[i + 1]
+end
+for i = 1, #pairs_, 2 * CHUNK do
+  redis.call('HSET', K_PAYLOADS, unpack(pairs_, i, math.min(i + 2 * CHUNK - 1, #pairs_)))
+end
+redis.call('DEL', P .. 'batch:' .. s)
+push_all('RPUSH', P .. 'batch:' .. s, refs)
+redis.call('HSET', K_MAT, s, #refs)
+return {'ok', 1}
+"""
+
+# CLAIM: expire due leases, then lease the lowest requeued step, else the step at the cursor (drain steps
+# s >= E*S are claimed only while some arrivals:<u>, u >= s, exist; empty ones are marked 'skipped').
+# Moves arrivals:<s> then batch:<s> into rows:<s> and journals them.
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] consumer, ARGV[4] now, ARGV[5] lease expiry.
+# Returns {'ok', step, expiry, expired_steps, refs, payloads} | {'needs', step, expired} |
+# {'wait', earliest_expiry, expired} | {'done', expired} | {'lease_lost', msg} (replay of a lost claim).
+CLAIM = _LIB + r"""
+local consumer = ARGV[3]
+local done_op = op_result(ARGV[2])
+if done_op then
+  local s = tonumber(done_op)
+  if redis.call('HGET', K_STEPS, s) ~= 'inflight' or redis.call('HGET', K_OWNERS, s) ~= consumer then
+    return {'lease_lost', 'claim of step ' .. s .. ' by ' .. consumer .. ' is no longer held'}
+  end
+  local refs = redis.call('LRANGE', P .. 'rows:' .. s, 0, -1)
+  return {'ok', s, redis.call('ZSCORE', K_LEASES, s), {}, refs, payloads_of(refs)}
+end
+local expired = expire_due(ARGV[4])
+local s
+local rq = redis.call('ZRANGE', K_REQUEUE, 0, 0)
+if #rq > 0 then
+  s = tonumber(rq[1])
+  redis.call('ZREM', K_REQUEUE, s)
+else
+  local cur = meta_num('next_step')
+  local total = total_steps()
+  if total and cur >= total then
+    local last = meta_num('max_target') or -1
+    while cur <= last and redis.call('LLEN', P .. 'arrivals:' .. cur) == 0 do
+      redis.call('HSET', K_STEPS, cur, 'skipped')
+      cur = cur + 1
+    end
+    redis.call('HSET', K_META, 'next_step', cur)
+    if cur > last then
+      local first = redis.call('ZRANGE', K_LEASES, 0, 0, 'WITHSCORES')
+      if #first > 0 then return {'wait', first[2], expired} end
+      return {'done', expired}
+    end
+  elseif redis.call('HEXISTS', K_MAT, cur) == 0 then
+    return {'needs', cur, expired}
+  end
+  s = cur
+  redis.call('HSET', K_META, 'next_step', s + 1)
+end
+local refs = redis.call('LRANGE', P .. 'arrivals:' .. s, 0, -1)
+local na = #refs
+for _, r in ipairs(redis.call('LRANGE', P .. 'batch:' .. s, 0, -1)) do refs[#refs + 1] = r end
+redis.call('DEL', P .. 'arrivals:' .. s, P .. 'batch:' .. s, P .. 'rows:' .. s)
+push_all('RPUSH', P .. 'rows:' .. s, refs)
+local words = {na}
+for _, r in ipairs(refs) do words[#words + 1] = r end
+journal(s, 'C', words)
+redis.call('HSET', K_STEPS, s, 'inflight')
+redis.call('HSET', K_OWNERS, s, consumer)
+redis.call('ZADD', K_LEASES, ARGV[5], s)
+op_store(ARGV[2], s)
+return {'ok', s, ARGV[5], expired, refs, payloads_of(refs)}
+"""
+
+# RENEW: extend the lease of a step held by consumer.
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] step, ARGV[3] consumer, ARGV[4] now, ARGV[5] new expiry.
+# Returns {'ok'} | {'state', msg} | {'lease_lost', msg}.
+RENEW = _LIB + r"""
+local s = tonumber(ARGV[2])
+local err = check_lease(s, ARGV[3], ARGV[4])
+if err then return err end
+redis.call('ZADD', K_LEASES, ARGV[5], s)
+return {'ok'}
+"""
+
+# COMMIT: mark a leased step committed, raise committed_upto, then garbage-collect committed steps
+# g <= committed_upto - retain_steps - 1 (journal, rows, their payloads, superseded postponed versions).
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now.
+# Returns {'ok'} | {'state', msg} | {'lease_lost', msg}.
+COMMIT = _LIB + r"""
+if op_result(ARGV[2]) then return {'ok'} end
+local s = tonumber(ARGV[3])
+local state = redis.call('HGET', K_STEPS, s)
+if state == 'committed' or (not state and s < meta_num('gc_floor')) then
+  return {'state', 'step ' .. s .. ' is already committed'}
+end
+local err = check_lease(s, ARGV[4], ARGV[5])
+if err then return err end
+redis.call('HSET', K_STEPS, s, 'committed')
+redis.call('HDEL', K_OWNERS, s)
+redis.call('ZREM', K_LEASES, s)
+local upto = meta_num('committed_upto')
+if s > upto then
+  upto = s
+  redis.call('HSET', K_META, 'committed_upto', upto)
+end
+local floor = meta_num('gc_floor')
+local limit = upto - meta_num('retain_steps') - 1
+while floor <= limit do
+  local st = redis.call('HGET', K_STEPS, floor)
+  if st ~= 'committed' and st ~= 'skipped' then break end
+  hdel_all(redis.call('LRANGE', P .. 'rows:' .. floor, 0, -1))
+  for _, e in ipairs(redis.call('LRANGE', P .. 'journal:' .. floor, 0, -1)) do
+    local w = split(e)
+    if w[2] == 'P' then
+      local old = {}
+      for i = 4, #w, 2 do old[#old + 1] = w[i] end
+      hdel_all(old)
+    end
+  end
+  redis.call('DEL', P .. 'rows:' .. floor, P .. 'journal:' .. floor)
+  redis.call('HDEL', K_STEPS, floor)
+  redis.call('HDEL', K_MAT, floor)
+  floor = floor + 1
+end
+redis.call('HSET', K_META, 'gc_floor', floor)
+op_store(ARGV[2], 'ok')
+return {'ok'}
+"""
+
+# POSTPONE: move rows of a leased step into arrivals:<target> as new versions with new payloads.
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now,
+# ARGV[6] target, ARGV[7..] old ref, new ref, new payload triples.
+# Returns {'ok'} | {'state', msg} | {'lease_lost', msg} | {'target', msg} | {'missing', refs}.
+POSTPONE = _LIB + r"""
+if op_result(ARGV[2]) then return {'ok'} end
+local s, t = tonumber(ARGV[3]), tonumber(ARGV[6])
+local err = check_lease(s, ARGV[4], ARGV[5])
+if err then return err end
+if t <= s or claimed(t) or (t < meta_num('next_step') and not redis.call('ZSCORE', K_REQUEUE, t)) then
+  return {'target', 'target step ' .. t .. ' was already claimed or passed'}
+end
+local rk = P .. 'rows:' .. s
+local missing = {}
+for i = 7, #ARGV, 3 do
+  if not redis.call('LPOS', rk, ARGV[i]) then missing[#missing + 1] = ARGV[i] end
+end
+if #missing > 0 then return {'missing', missing} end
+local news, words = {}, {t}
+for i = 7, #ARGV, 3 do
+  redis.call('LREM', rk, 1, ARGV[i])
+  redis.call('HSET', K_PAYLOADS, ARGV[i + 1], ARGV[i + 2])
+  news[#news + 1] = ARGV[i + 1]
+  words[#words + 1] = ARGV[i]
+  words[#words + 1] = ARGV[i + 1]
+end
+push_all('RPUSH', P .. 'arrivals:' .. t, news)
+journal(s, 'P', words)
+if t > (meta_num('max_target') or -1) then redis.call('HSET', K_META, 'max_target', t) end
+op_store(ARGV[2], 'ok')
+return {'ok'}
+"""
+
+# PREFETCH: pop up to count fresh refs from batch:<t>, t = step+1 .. last_source (nearest first, skipping
+# claimed and drain steps), append them to rows:<step>; stop at the first unmaterialised t.
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now, ARGV[6] count,
+# ARGV[7] last_source.
+# Returns {'ok', needs_materialise (-1 if none), refs, payloads} | {'state', msg} | {'lease_lost', msg}.
+PREFETCH = _LIB + r"""
+local done_op = op_result(ARGV[2])
+if done_op then
+  local w = split(done_op)
+  local refs = {}
+  for i = 2, #w do refs[#refs + 1] = w[i] end
+  return {'ok', tonumber(w[1]), refs, payloads_of(refs)}
+end
+local s, want = tonumber(ARGV[3]), tonumber(ARGV[6])
+local err = check_lease(s, ARGV[4], ARGV[5])
+if err then return err end
+local total = total_steps()
+local got, needs = {}, -1
+for t = s + 1, tonumber(ARGV[7]) do
+  if #got >= want then break end
+  if not claimed(t) and not (total and t >= total) then
+    if redis.call('HEXISTS', K_MAT, t) == 0 then
+      needs = t
+      break
+    end
+    local popped = redis.call('LPOP', P .. 'batch:' .. t, want - #got)
+    if popped then
+      local words = {t}
+      for _, r in ipairs(popped) do
+        got[#got + 1] = r
+        words[#words + 1] = r
+      end
+      journal(s, 'F', words)
+    end
+  end
+end
+push_all('RPUSH', P .. 'rows:' .. s, got)
+local stored = {needs}
+for _, r in ipairs(got) do stored[#stored + 1] = r end
+op_store(ARGV[2], table.concat(stored, ' '))
+return {'ok', needs, got, payloads_of(got)}
+"""
+
+# DEAD_LETTER: remove a ref from an in-flight step and append a dead-letter record (with its payload).
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] ref, ARGV[5] record.
+# Returns {'ok'} | {'state', msg} | {'missing', {ref}}.
+DEAD_LETTER = _LIB + r"""
+if op_result(ARGV[2]) then return {'ok'} end
+local s, ref = tonumber(ARGV[3]), ARGV[4]
+if redis.call('HGET', K_STEPS, s) ~= 'inflight' then return {'state', 'step ' .. s .. ' is not in flight'} end
+if redis.call('LREM', P .. 'rows:' .. s, 1, ref) == 0 then return {'missing', {ref}} end
+redis.call('RPUSH', P .. 'dead', ARGV[5])
+redis.call('HDEL', K_PAYLOADS, ref)
+journal(s, 'D', {ref})
+op_store(ARGV[2], 'ok')
+return {'ok'}
+"""
+
+# EXPIRE: expire every lease that ran out before now (see expire_due).
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] now. Returns {'ok', expired_steps}.
+EXPIRE = _LIB + r"""
+return {'ok', expire_due(ARGV[2])}
+"""
+
+# ROLLBACK: undo every journal entry of the steps after to_step, newest first (shard-wide seq order), so the
+# shard is exactly as right after committed step to_step; cursor = to_step + 1, committed_upto = to_step.
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] to_step.
+# Returns {'ok', undone_entries} | {'range', lowest allowed, highest allowed}.
+ROLLBACK = _LIB + r"""
+if op_result(ARGV[2]) then return {'ok', 0} end
+local k = tonumber(ARGV[3])
+local low, high = meta_num('gc_floor') - 1, meta_num('committed_upto')
+if k < low or k > high then return {'range', low, high} end
+local top = meta_num('next_step') - 1
+local all = {}
+for s = k + 1, top do
+  for _, e in ipairs(redis.call('LRANGE', P .. 'journal:' .. s, 0, -1)) do
+    local w = split(e)
+    all[#all + 1] = {tonumber(w[1]), s, w}
+  end
+end
+table.sort(all, function(a, b) return a[1] > b[1] end)
+local ctx = {ex = {}, extras = {}}
+for _, e in ipairs(all) do undo_entry(e[2], e[3], ctx) end
+for s = k + 1, top do
+  redis.call('DEL', P .. 'journal:' .. s)
+  redis.call('HDEL', K_STEPS, s)
+  redis.call('HDEL', K_OWNERS, s)
+  redis.call('ZREM', K_LEASES, s)
+end
+redis.call('ZREMRANGEBYSCORE', K_REQUEUE, '(' .. k, '+inf')
+redis.call('HSET', K_META, 'next_step', k + 1, 'committed_upto', k)
+op_store(ARGV[2], 'ok')
+return {'ok', #all}
+"""
+
+# READ_ROWS: the current refs and payloads of a step: rows:<s> once claimed, else arrivals then batch.
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] step. Returns {'ok', refs, payloads}.
+READ_ROWS = _LIB + r"""
+local s = ARGV[2]
+local refs
+if redis.call('HEXISTS', K_STEPS, s) == 1 then
+  refs = redis.call('LRANGE', P .. 'rows:' .. s, 0, -1)
+else
+  refs = redis.call('LRANGE', P .. 'arrivals:' .. s, 0, -1)
+  for _, r in ipairs(redis.call('LRANGE', P .. 'batch:' .. s, 0, -1)) do refs[#refs + 1] = r end
+end
+return {'ok', refs, payloads_of(refs)}
+"""

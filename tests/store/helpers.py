@@ -1,0 +1,58 @@
+"""Helpers of the store tests: full dumps of a shard's data, for exact comparisons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from pr_loader.store import BatchStore
+
+LIST_KINDS = ("batch", "arrivals", "rows", "journal")
+
+
+def _s(value: bytes) -> str:
+    return value.decode()
+
+
+def dump(client: redis.Redis, store: BatchStore, *, from_step: int = 0, journals: bool = True) -> dict[str, Any]:
+    """Every list, step state, lease and the payloads of listed refs of steps >= from_step.
+
+    ``max_target`` (an upper bound), ``seq`` and ``op:*`` keys are bookkeeping and not part of the dump.
+    """
+    keys = store.keys
+    meta = {_s(k): _s(v) for k, v in client.hgetall(keys.meta).items()}
+    lists: dict[str, list[str]] = {}
+    refs: set[str] = set()
+    for raw in client.scan_iter(match=keys.scan_pattern(), count=1000):
+        name = _s(raw)[len(keys.prefix):]
+        kind, _, step = name.partition(":")
+        if kind not in LIST_KINDS or int(step) < from_step or (kind == "journal" and not journals):
+            continue
+        items = [_s(v) for v in client.lrange(raw, 0, -1)]
+        lists[name] = items
+        if kind != "journal":
+            refs.update(items)
+    payloads = client.hmget(keys.payloads, sorted(refs)) if refs else []
+    return {
+        "next_step": int(meta["next_step"]),
+        "committed_upto": int(meta["committed_upto"]),
+        "lists": lists,
+        "steps": {int(k): _s(v) for k, v in client.hgetall(keys.steps).items() if int(k) >= from_step},
+        "owners": {int(k): _s(v) for k, v in client.hgetall(keys.owners).items()},
+        "leases": {int(_s(k)): v for k, v in client.zrange(keys.leases, 0, -1, withscores=True)},
+        "requeue": [int(v) for v in client.zrange(keys.requeue, 0, -1)],
+        "payloads": dict(zip(sorted(refs), payloads)),
+        "dead": client.llen(keys.dead),
+    }
+
+
+def restrict(state: dict[str, Any], from_step: int) -> dict[str, Any]:
+    """A dump limited to steps >= from_step (payloads recomputed from the remaining lists)."""
+    lists = {k: v for k, v in state["lists"].items() if int(k.partition(":")[2]) >= from_step}
+    refs = {r for k, v in lists.items() if not k.startswith("journal:") for r in v}
+    out = dict(state)
+    out["lists"] = lists
+    out["steps"] = {s: v for s, v in state["steps"].items() if s >= from_step}
+    out["payloads"] = {r: p for r, p in state["payloads"].items() if r in refs}
+    return out

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pr_loader.errors import DataProtoError
+from pr_loader.protocol import DataProto
+from pr_loader.rows import RESERVED_FIELDS, dataproto_row, rows_to_dataproto
+
+
+class MyProto(DataProto):
+    pass
+
+
+def test_reserved_fields() -> None:
+    assert RESERVED_FIELDS == (
+        "prl_sample_id",
+        "prl_index",
+        "prl_epoch",
+        "prl_times_postponed",
+        "prl_first_step",
+    )
+
+
+def test_uniform_tensors_are_stacked_and_others_are_objects() -> None:
+    rows = [
+        {"ids": torch.tensor([1, 2, 3]), "text": "a", "n": 1, "arr": np.zeros(2), "meta": {"k": 1}},
+        {"ids": torch.tensor([4, 5, 6]), "text": "b", "n": 2, "arr": np.ones(2), "meta": {"k": 2}},
+    ]
+    dp = rows_to_dataproto(DataProto, rows, meta_info={"m": 1})
+    assert len(dp) == 2
+    assert dp.batch is not None
+    assert list(dp.batch.keys()) == ["ids"]
+    assert torch.equal(dp.batch["ids"], torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert list(dp.non_tensor_batch) == ["text", "n", "arr", "meta"]
+    for column in dp.non_tensor_batch.values():
+        assert column.dtype == object and column.shape == (2,)
+    # equal-shape numpy arrays stay per-row objects (not a 2-D array)
+    assert isinstance(dp.non_tensor_batch["arr"][1], np.ndarray)
+    assert np.array_equal(dp.non_tensor_batch["arr"][1], np.ones(2))
+    assert dp.non_tensor_batch["meta"][0] == {"k": 1}
+    assert dp.meta_info == {"m": 1}
+
+
+def test_missing_keys_ragged_and_dtype_mismatch_go_to_objects() -> None:
+    rows: list[dict[str, Any]] = [
+        {"ids": torch.tensor([1, 2]), "ragged": torch.tensor([1]), "dt": torch.tensor([1.0]), "x": 0},
+        {
+            "ids": torch.tensor([3, 4]),
+            "ragged": torch.tensor([1, 2]),
+            "dt": torch.tensor([1]),
+            "partial": "p",
+        },
+        {"ids": torch.tensor([5, 6]), "ragged": torch.tensor([1, 2, 3]), "dt": torch.tensor([2.0]), "x": 2},
+    ]
+    dp = rows_to_dataproto(DataProto, rows)
+    assert dp.batch is not None and list(dp.batch.keys()) == ["ids"]
+    assert set(dp.non_tensor_batch) == {"ragged", "dt", "x", "partial"}
+    assert [t.tolist() for t in dp.non_tensor_batch["ragged"]] == [[1], [1, 2], [1, 2, 3]]
+    assert dp.non_tensor_batch["dt"][1].dtype == torch.int64
+    assert list(dp.non_tensor_batch["x"]) == [0, None, 2]
+    assert list(dp.non_tensor_batch["partial"]) == [None, "p", None]
+
+
+def test_tensor_missing_in_one_row_is_an_object_column() -> None:
+    dp = rows_to_dataproto(DataProto, [{"t": torch.ones(2)}, {"u": 1}])
+    assert dp.batch is None
+    assert dp.non_tensor_batch["t"][1] is None
+    assert torch.equal(dp.non_tensor_batch["t"][0], torch.ones(2))
+
+
+def test_scalar_tensors_stack_to_one_dim() -> None:
+    dp = rows_to_dataproto(DataProto, [{"r": torch.tensor(1.5)}, {"r": torch.tensor(2.5)}])
+    assert dp.batch is not None
+    assert dp.batch["r"].shape == (2,)
+
+
+def test_empty_and_keyless_rows() -> None:
+    empty = rows_to_dataproto(MyProto, [])
+    assert type(empty) is MyProto and len(empty) == 0
+    keyless = rows_to_dataproto(DataProto, [{}, {}, {}])
+    assert len(keyless) == 3
+
+
+def test_subclass_is_kept() -> None:
+    dp = rows_to_dataproto(MyProto, [{"a": torch.zeros(1)}])
+    assert type(dp) is MyProto
+    assert type(dp.select_idxs([0])) is MyProto
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        ([{"a": 1}, ["a"]], "row 1 must be a dict"),
+        ([{1: 1}], "non-str key 1"),
+    ],
+)
+def test_bad_rows(rows: Any, match: str) -> None:
+    with pytest.raises(DataProtoError, match=match):
+        rows_to_dataproto(DataProto, rows)
+
+
+def test_row_roundtrip() -> None:
+    rows: list[dict[str, Any]] = [
+        {"ids": torch.tensor([1, 2]), "text": "a", "partial": torch.tensor([9, 9, 9])},
+        {"ids": torch.tensor([3, 4]), "text": "b"},
+    ]
+    dp = rows_to_dataproto(DataProto, rows)
+    back = [dataproto_row(dp, i) for i in range(len(dp))]
+    assert set(back[0]) == {"ids", "text", "partial"}
+    assert set(back[1]) == {"ids", "text"}  # None (missing) is omitted
+    assert torch.equal(back[0]["ids"], rows[0]["ids"])
+    assert torch.equal(back[0]["partial"], rows[0]["partial"])
+    again = rows_to_dataproto(DataProto, back)
+    assert again.batch is not None
+    assert torch.equal(again.batch["ids"], dp.batch["ids"])  # type: ignore[index]
+    assert list(again.non_tensor_batch["partial"])[1] is None
+    assert dataproto_row(dp, -1)["text"] == "b"
+
+
+def test_row_of_typed_columns_and_nested_tensordict() -> None:
+    dp = DataProto.from_dict(
+        tensors={"x": torch.arange(6).reshape(3, 2)},
+        non_tensors={"n": np.array([1, 2, 3]), "m": np.arange(6).reshape(3, 2)},
+    )
+    row = dataproto_row(dp, 1)
+    assert torch.equal(row["x"], torch.tensor([2, 3]))
+    assert row["n"] == 2
+    assert np.array_equal(row["m"], np.array([2, 3]))
+    assert dp.batch is not None
+    dp.batch["nested"] = dp.batch.select("x").clone()
+    nested = dataproto_row(dp, 2)["nested"]
+    assert isinstance(nested, dict) and torch.equal(nested["x"], torch.tensor([4, 5]))
+
+
+@pytest.mark.parametrize("bad", [3, -4, 1.0, True, "0"])
+def test_row_index_checked(bad: Any) -> None:
+    dp = rows_to_dataproto(DataProto, [{"a": 1}, {"a": 2}, {"a": 3}])
+    with pytest.raises(DataProtoError, match="out of range"):
+        dataproto_row(dp, bad)
