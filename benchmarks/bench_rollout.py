@@ -23,16 +23,18 @@ time in store and codec calls, claim and commit included) as a share of step tim
     .venv/bin/python benchmarks/bench_rollout.py --only torch --device cuda --torch-scale 4
 
 The torch setting runs ``--repeats`` alternating sync/partial pairs and reports the median run of each mode
-(wall-clock timings on a shared machine are noisy).
+(wall-clock timings on a shared machine are noisy). ``--timeline spans.jsonl`` writes every slot occupancy
+(setting, mode, slot, start, end, sample id, finish reason) for plotting.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -72,7 +74,7 @@ def simulated(
     def engine() -> Engine:
         return SimulatedEngine(
             dist,
-            num_slots=batch + 2 * over,
+            num_slots=batch + over,
             decode_base_s=0.02,
             decode_per_seq_s=5e-5,
             prefill_per_token_s=2e-5,
@@ -93,7 +95,10 @@ def torch_setting(scale: int, device: str) -> Setting:
     return Setting(name, engine, dist, batch, over, 8, prompt_len=16, vocab=512, force_lengths=True)
 
 
-def run_mode(setting: Setting, policy: Policy, oversample: int, redis_url: str) -> dict[str, Any]:
+def run_mode(
+    setting: Setting, policy: Policy, oversample: int, redis_url: str, timeline: Any = None
+) -> dict[str, Any]:
+    """One epoch in one mode; returns the run summary. ``timeline``: a text file for the slot spans."""
     n = setting.batch_size * setting.steps
     prompts = [  # 8 samples per prompt
         torch.randint(1, setting.vocab, (setting.prompt_len,), generator=torch.Generator().manual_seed(p))
@@ -112,7 +117,7 @@ def run_mode(setting: Setting, policy: Policy, oversample: int, redis_url: str) 
     finished: list[str] = []
 
     def on_batch(result: StepResult) -> None:
-        finished.extend(str(s) for s in result.batch.non_tensor_batch["prl_sample_id"])
+        finished.extend(str(s) for s in result.batch.non_tensor_batch.get("prl_sample_id", []))
 
     t0 = time.perf_counter()
     metrics = sched.run(ds, on_batch=on_batch)
@@ -129,6 +134,10 @@ def run_mode(setting: Setting, policy: Policy, oversample: int, redis_url: str) 
         bench_wall_s=wall,
     )
     ds.close()
+    if timeline is not None:
+        mode = "sync" if isinstance(policy, FixedBatch) else "partial"
+        for span in metrics.timeline:
+            timeline.write(json.dumps({"setting": setting.name, "mode": mode, **asdict(span)}) + "\n")
     return summary
 
 
@@ -165,6 +174,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: stable on shared boxes)"
     )
+    parser.add_argument("--timeline", help="write every slot span (JSON lines) to this file, for plotting")
     args = parser.parse_args()
     settings = {
         "april": simulated(
@@ -177,7 +187,7 @@ def main() -> None:
             max_tokens=28672,
             median=1500,
             p99=15000,
-            steps=8,
+            steps=20,
         ),
         "torch": torch_setting(args.torch_scale, args.device),
     }
@@ -189,20 +199,23 @@ def main() -> None:
         "lost / dup rows | data path share | bench wall s |"
     )
     print("|" + "---|" * 14)
+    timeline = open(args.timeline, "w", encoding="utf-8") if args.timeline else None  # noqa: SIM115
     for key in args.only or list(settings):
         setting = settings[key]
         repeats = args.repeats if key == "torch" else 1  # wall-clock timings: alternate and take the median
         runs: dict[str, list[dict[str, float]]] = {"sync": [], "partial": []}
-        for _ in range(repeats):
-            runs["sync"].append(run_mode(setting, FixedBatch(), 0, args.redis_url))
-            runs["partial"].append(
-                run_mode(setting, PostponeToNext(max_postpones=2), setting.oversample, args.redis_url)
-            )
+        for rep in range(repeats):
+            spans = timeline if rep == 0 else None
+            runs["sync"].append(run_mode(setting, FixedBatch(), 0, args.redis_url, spans))
+            partial = PostponeToNext(max_postpones=2)
+            runs["partial"].append(run_mode(setting, partial, setting.oversample, args.redis_url, spans))
         sync, part = (
             sorted(runs[m], key=lambda r: r["tokens_per_s"])[repeats // 2] for m in ("sync", "partial")
         )
         print(row(setting, "sync", sync, None), flush=True)
         print(row(setting, "partial", part, sync["tokens_per_s"]), flush=True)
+    if timeline is not None:
+        timeline.close()
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 Every argument of torch's loader is accepted with the same name, order and default, and checked by torch
 itself. For a map-style dataset and ``linked=False`` it yields exactly what torch's loader yields (values,
 dtypes, containers, order, and the random numbers it draws): each epoch's plan is drawn from torch's own
-sampler objects (:mod:`pr_loader.plan`) and stored in Redis, steps are materialised a step ahead in a
-background thread, claimed, decoded and collated with the user's ``collate_fn``.
+sampler objects (:mod:`pr_loader.plan`) and stored in Redis; steps are materialised lazily
+(``dataset[i]`` -> codec -> Redis), claimed, decoded and collated with the user's ``collate_fn``. A background
+thread works one step ahead: with ``FixedBatch`` it materialises, claims, decodes and collates step k + 1
+while the caller works on step k; with a postponing policy it only materialises step k + 1 (its rows are
+final only when it is claimed, so rows postponed into it while the caller works still arrive there).
 
 Commit points: a step is committed when the next one is requested, when the epoch ends, or when
 :meth:`DataLoader.state_dict` is called. A new ``iter()`` (or a new process with the same ``run_id`` and
@@ -32,7 +35,6 @@ import torch
 import torch.utils.data as tud
 from torch.utils.data._utils.pin_memory import pin_memory
 
-from pr_loader import codec
 from pr_loader.dataset import RedisBatchDataset, rank_and_world, shard_sampler
 from pr_loader.errors import ConfigError, LeaseLost, RunNotFound, StateDictError, StepStateError
 from pr_loader.policy import FixedBatch, Policy, get_policy
@@ -83,41 +85,22 @@ class _Heartbeat:
         self.stopped.set()
 
 
-class _Readahead:
-    """Background work for the single-process path: materialise step k+1 and decode its current rows while
-    the caller works on step k. Decoded rows are cached by ref (refs are immutable versions, so the cache
-    is always valid) and never change which rows a step gets."""
+_END = object()
 
-    def __init__(self, source: RedisBatchDataset) -> None:
-        self.source = source
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr_loader-readahead")
-        self.future: Future[None] | None = None
-        self.cache: dict[str, Any] = {}
 
-    def start(self, step: int) -> None:
-        self.future = self.pool.submit(self._prepare, step)
+class _Background:
+    """One background task at a time: work on step k + 1 while the caller works on step k."""
 
-    def _prepare(self, step: int) -> None:
-        self.source.materialise(step)
-        if self.source.linked:
-            return
-        rows = self.source.shard().store.read_rows(step)
-        allow = self.source.allow_pickle
-        self.cache = {row.ref.encode(): codec.decode(row.payload, allow_pickle=allow) for row in rows}
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr_loader-ahead")
+        self.future: Future[Any] | None = None
 
-    def wait(self) -> None:
+    def start(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.future = self.pool.submit(fn, *args)
+
+    def wait(self) -> Any:
         future, self.future = self.future, None
-        if future is not None:
-            future.result()
-
-    def samples(self, claimed: ClaimedStep) -> list[Any]:
-        cache, self.cache = self.cache, {}
-        allow = self.source.allow_pickle
-        decode = codec.decode
-        return [
-            cache[ref] if (ref := row.ref.encode()) in cache else decode(row.payload, allow_pickle=allow)
-            for row in claimed.rows
-        ]
+        return None if future is None else future.result()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -136,13 +119,15 @@ class _LoaderIter:
         self.pending: int | None = None
         self.yielded: set[int] = set()
         self.done = False
-        self.readahead: _Readahead | None = None
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
-        if loader.num_workers == 0:
-            self.readahead = _Readahead(source)
-            self.steps: Iterator[tuple[int, Any]] = self._inline()
-        else:
+        self.background = _Background()
+        self.steps: Iterator[tuple[int, Any]]
+        if loader.num_workers > 0:
             self.steps = self._ordered(self._from_workers())
+        elif isinstance(source.policy, FixedBatch):  # nothing moves between steps: claim one step ahead
+            self.steps = self._claimed_ahead()
+        else:  # a step's rows are known only when it is claimed: materialise ahead, claim on request
+            self.steps = self._claim_on_request()
         self.heartbeat = _Heartbeat(source)
 
     def __iter__(self) -> _LoaderIter:
@@ -152,17 +137,26 @@ class _LoaderIter:
         return self.source.steps_per_epoch
 
     # ------------------------------------------------------------------ sources of (step, item)
-    def _inline(self) -> Iterator[tuple[int, Any]]:
-        source, readahead = self.source, self.readahead
-        assert readahead is not None  # set together with this generator
-        for claimed in source.claim_steps(self.epoch):
+    def _claimed(self) -> Iterator[tuple[int, Any]]:
+        for claimed in self.source.claim_steps(self.epoch):
+            yield claimed.step, self.loader._pin(self.source.build(claimed))
+
+    def _claimed_ahead(self) -> Iterator[tuple[int, Any]]:
+        """FixedBatch: step k + 1 is materialised, claimed, decoded and collated in the background."""
+        items, background = self._claimed(), self.background
+        background.start(next, items, _END)
+        while (item := background.wait()) is not _END:
+            background.start(next, items, _END)
+            yield item
+
+    def _claim_on_request(self) -> Iterator[tuple[int, Any]]:
+        """Partial policies: claim when asked (rows may be postponed into the step until then); the next
+        step is materialised in the background meanwhile."""
+        for claimed in self.source.claim_steps(self.epoch):
             if claimed.step + 1 < self.epoch_end:
-                readahead.start(claimed.step + 1)
-            if source.linked:
-                yield claimed.step, source.build(claimed)
-            else:
-                yield claimed.step, self.loader._pin(source.collate(readahead.samples(claimed)))
-            readahead.wait()
+                self.background.start(self.source.materialise, claimed.step + 1)
+            yield claimed.step, self.source.build(claimed)
+            self.background.wait()
 
     def _from_workers(self) -> Iterator[tuple[int, Any]]:
         source, loader = self.source, self.loader
@@ -223,14 +217,18 @@ class _LoaderIter:
         self.yielded.add(step)
         return item
 
+    def __del__(self) -> None:  # an abandoned iterator: stop its threads without waiting for them
+        if hasattr(self, "heartbeat"):
+            self.heartbeat.stop()
+            self.background.pool.shutdown(wait=False)
+
     def close(self) -> None:
         """Stop the heartbeat and background work; in-flight steps stay claimed until the next iter()."""
         if self.done:
             return
         self.done = True
         self.heartbeat.stop()
-        if self.readahead is not None:
-            self.readahead.close()
+        self.background.close()
         if self.worker_iter is not None and not self.loader.persistent_workers:
             _stop_workers(self.worker_iter)
 
@@ -302,8 +300,8 @@ class DataLoader(tud.DataLoader[Any]):
             raise ConfigError("timeout applies to worker processes only; it needs num_workers > 0")
         if num_workers > 0 and not isinstance(get_policy(policy), FixedBatch):
             raise ConfigError(
-                f"policy {policy!r} postpones rows into later steps, which worker processes would already have "
-                "claimed: use num_workers=0 (steps are still materialised ahead in a background thread)"
+                f"policy {policy!r} postpones rows into later steps, which worker processes would already "
+                "have claimed: use num_workers=0 (steps are still materialised ahead in a background thread)"
             )
         if num_workers > 0 and redis_url == FAKE_URL:
             raise ConfigError("worker processes cannot share the in-process fakeredis store; use a server")
@@ -375,7 +373,8 @@ class DataLoader(tud.DataLoader[Any]):
 
     def close(self) -> None:
         """Stop the current iterator's threads and worker processes; close this process's Redis connection.
-        Steps it holds stay in flight until the next ``iter()`` with the same consumer id (or lease expiry)."""
+        Steps it holds stay in flight until the next ``iter()`` with the same consumer id (or lease
+        expiry)."""
         if self._active is not None:
             self._active.close()
             self._active = None

@@ -28,7 +28,14 @@ import torch
 import torch.utils.data as tud
 
 from pr_loader import codec
-from pr_loader.errors import ConfigError, DatasetError, LeaseLost, NeedsMaterialisation, StepStateError
+from pr_loader.errors import (
+    CodecError,
+    ConfigError,
+    DatasetError,
+    LeaseLost,
+    NeedsMaterialisation,
+    StepStateError,
+)
 from pr_loader.linked import LinkedDataProto, StepSession
 from pr_loader.plan import EpochPlanner, PlanStore
 from pr_loader.policy import FixedBatch, Policy, get_policy
@@ -336,7 +343,12 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             self.ensure_plan(epoch)
         indices = shard.plans.batches(epoch, b, b)[0]
         items = self._read_items(indices)
-        rows = [(i, codec.encode(item, allow_pickle=self.allow_pickle)) for i, item in zip(indices, items)]
+        rows = []
+        for index, item in zip(indices, items):
+            try:
+                rows.append((index, codec.encode(item, allow_pickle=self.allow_pickle)))
+            except CodecError as exc:
+                raise CodecError(f"dataset index {index}: {exc}") from exc
         return shard.store.materialise(step, rows)
 
     def _materialise_for_claim(self, step: int, epoch_end: int) -> None:

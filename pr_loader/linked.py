@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = ["LinkedDataProto", "MaterialiseFn", "StepSession"]
 
 logger = logging.getLogger(__name__)
 
+_TARGET_ATTEMPTS = 8  # postpone tries while other consumers keep claiming the target
 MaterialiseFn = Callable[[int], object]
 """``materialise(step)``: write the fresh batch of regular step ``step`` into the store (idempotent)."""
 
@@ -117,10 +119,40 @@ class StepSession:
         self.check_writable("dead_letter")
         self.store.dead_letter(self.step, ref, reason)
 
-    def postpone(self, rows: list[tuple[RowRef, bytes]], target_step: int) -> list[RowRef]:
-        """``BatchStore.postpone`` for this step; returns the new refs."""
+    def postpone(self, rows: list[tuple[RowRef, bytes]], target_step: int) -> int:
+        """``BatchStore.postpone`` for this step; returns the step the rows went to.
+
+        If another consumer already claimed ``target_step``, the rows go to the first unclaimed later step
+        instead (the store's cursor), so several consumers can share one shard.
+        """
         self.check_writable("postpone")
-        return self.store.postpone(self.step, self.consumer_id, rows, target_step, now=self.now())
+        for _ in range(_TARGET_ATTEMPTS):
+            try:
+                self.store.postpone(self.step, self.consumer_id, rows, target_step, now=self.now())
+                return target_step
+            except StepStateError:
+                later = self._unclaimed_after(target_step)
+                if later is None:
+                    raise
+                logger.info(
+                    "step %d: target step %d is already claimed; postponing to %d instead",
+                    self.step,
+                    target_step,
+                    later,
+                )
+                target_step = later
+        raise StepStateError(
+            f"step {self.step}: every postpone target up to {target_step} was claimed meanwhile"
+        )
+
+    def _unclaimed_after(self, target_step: int) -> int | None:
+        """The store's cursor if ``target_step`` was refused for being claimed while this step is still
+        held; None if the refusal had another cause."""
+        stats = self.store.stats()
+        held = any(lease.step == self.step and lease.owner == self.consumer_id for lease in stats.in_flight)
+        if not held or target_step >= stats.next_step or target_step in stats.requeued:
+            return None
+        return stats.next_step
 
     def ensure_materialised(self, step: int) -> None:
         """Materialise regular step ``step`` through the callback if the store lacks it."""
@@ -271,7 +303,7 @@ class LinkedDataProto(DataProto):
         return [str(sid) for sid in column]
 
     def _check_ids(self, ids: Iterable[str], what: str) -> list[str]:
-        ids = list(ids)
+        ids = [ids] if isinstance(ids, str) else list(ids)
         present = set(self.sample_ids())
         unknown = [sid for sid in ids if sid not in present]
         if unknown:
@@ -281,7 +313,8 @@ class LinkedDataProto(DataProto):
         return ids
 
     def mark_finished(self, sample_ids: Iterable[str]) -> None:
-        """Record that generation finished for these rows (``RowsNotInStep`` for ids not in the view)."""
+        """Record that generation finished for these rows (one id or several; ``RowsNotInStep`` for ids
+        not in the view)."""
         self._finished.update(self._check_ids(sample_ids, "mark_finished"))
 
     @property
@@ -375,7 +408,7 @@ class LinkedDataProto(DataProto):
         ids = [str(sid) for sid in samples.non_tensor_batch.get(FIELD_SAMPLE_ID, [])]
         if not ids:
             return True
-        duplicated = sorted({sid for sid in ids if ids.count(sid) > 1})
+        duplicated = sorted(sid for sid, n in Counter(ids).items() if n > 1)
         if duplicated:
             raise DataProtoError(f"postpone_samples: rows given more than once: {duplicated}")
         self._check_ids(ids, "postpone_samples")
@@ -392,7 +425,7 @@ class LinkedDataProto(DataProto):
                 moves.append((self._refs[sid], codec.encode(payload, allow_pickle=session.allow_pickle)))
             except CodecError as exc:
                 raise CodecError(f"postpone_samples: row {sid}: {exc}") from exc
-        session.postpone(moves, target)
+        target = session.postpone(moves, target)
         leaving = set(ids)
         keep = [i for i, sid in enumerate(self.sample_ids()) if sid not in leaving]
         kept = self.select_idxs(keep)

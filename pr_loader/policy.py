@@ -49,7 +49,7 @@ Writing your own policy (subclass, register, select it by name)::
             need = min(len(view), (9 * view.target_size + 9) // 10)
             return view.num_finished >= need and not view.must_finish_ids()
 
-    policy = get_policy("TailPrefetch", max_postpones=2, slack=4)
+    policy = get_policy("TailPrefetch", max_postpones=2, slack=4)  # run: RunConfig(policy=policy.name)
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class Policy(abc.ABC):
         return type(other) is type(self) and isinstance(other, Policy) and other.config() == self.config()
 
     def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(self.config().items()))))
+        return hash((type(self), repr(sorted(self.config().items()))))
 
     def prefetch_count(self, view: LinkedDataProto, requested: int) -> int:
         """How many rows to move into ``view`` when the scheduler asks for ``requested`` (default: all)."""

@@ -271,9 +271,22 @@ def test_postpone_target_claimed_by_another_consumer(client: Any) -> None:
     view = claim(h)
     other = h.claim("c2")
     assert other is not None and other.step == 1
-    with pytest.raises(StepStateError, match="already claimed"):
+    assert view.postpone_samples(view.select_idxs([0])) is True  # step 1 is taken: first unclaimed step
+    assert [r.ref.key() for r in h.store.read_rows(2)] == [key(0)]
+    assert [r.ref.key() for r in h.store.read_rows(1)] == [key(i) for i in plan(1)]
+    view.commit()
+    other.commit()
+    nxt = claim(h)
+    assert nxt.step == 2 and nxt.sample_ids()[0] == key(0)
+
+
+def test_postpone_after_commit_is_refused(client: Any) -> None:
+    h = Harness(client, PostponeToNext())
+    view = claim(h)
+    view.commit()
+    with pytest.raises(StepStateError, match="not in flight"):
         view.postpone_samples(view.select_idxs([0]))
-    assert ids(view) == [key(i) for i in range(B)]
+    assert len(view) == B
 
 
 def test_prefetched_then_postponed_row(client: Any) -> None:
@@ -319,8 +332,10 @@ def test_max_postpones_bound_refuses_and_changes_nothing(client: Any) -> None:
     view.mark_finished([key(i) for i in plan(1)[1:]])
     assert view.num_finished == B - 1
     assert not view.should_stop_gen()  # 0:0 must be finished first
-    view.mark_finished([key(0)])
+    view.mark_finished(key(0))
     assert view.should_stop_gen()
+    assert view.finished_ids() == [key(0)] + [key(i) for i in plan(1)[1:]]
+    assert view.must_finish_ids() == []
 
 
 def test_wrong_rows_raise_and_change_nothing(client: Any) -> None:
@@ -339,8 +354,11 @@ def test_wrong_rows_raise_and_change_nothing(client: Any) -> None:
         view.postpone_samples(view.select_idxs([0, 0]))
     with pytest.raises(DataProtoError, match="lack"):
         view.postpone_samples(view.select(non_tensor_batch_keys=["prompt"]))
+    with pytest.raises(DataProtoError, match="needs a DataProto"):
+        view.postpone_samples([key(1)])  # type: ignore[arg-type]
     with pytest.raises(RowsNotInStep):
         view.mark_finished(["0:99"])
+    assert view.num_finished == 0
     assert ids(view) == before
     assert [[r.ref.encode() for r in h.store.read_rows(s)] for s in (0, 1)] == stored
     assert view.postpone_samples(rows_to_dataproto(DataProto, [])) is True
@@ -368,6 +386,8 @@ def test_subclass_type_survives_ops(client: Any) -> None:
         derived[1].postpone_samples(derived[1])
     with pytest.raises(StepStateError, match="not bound"):
         derived[1].prefetch_samples(1)
+    with pytest.raises(StepStateError, match="not bound"):
+        derived[1].commit()
     # a derived selection is a valid argument of postpone_samples on the bound view
     assert view.postpone_samples(derived[1]) is True
     assert ids(view) == [key(0), key(3)]

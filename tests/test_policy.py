@@ -167,27 +167,37 @@ def test_policy_is_abstract() -> None:
         Policy()  # type: ignore[abstract]
 
 
+@register_policy
+class TailPrefetchForTest(PostponeToNext):
+    """The worked example of the policy module docstring."""
+
+    name = "TailPrefetchForTest"
+
+    def __init__(self, *, max_postpones: int | None = None, slack: int = 2) -> None:
+        super().__init__(max_postpones=max_postpones)
+        if not isinstance(slack, int) or isinstance(slack, bool) or slack < 0:
+            raise PolicyError(f"slack must be an int >= 0, got {slack!r}")
+        self.slack = slack
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "slack": self.slack}
+
+    def prefetch_count(self, view: Any, requested: int) -> int:
+        return min(requested, max(0, len(view) - int(view.num_finished) - self.slack))
+
+    def should_stop_gen(self, view: Any) -> bool:
+        need = min(len(view), (9 * view.target_size + 9) // 10)
+        return bool(view.num_finished >= need and not view.must_finish_ids())
+
+
 def test_custom_policy_from_docstring() -> None:
-    @register_policy
-    class TailPrefetchForTest(PostponeToNext):
-        name = "TailPrefetchForTest"
-
-        def __init__(self, *, max_postpones: int | None = None, slack: int = 2) -> None:
-            super().__init__(max_postpones=max_postpones)
-            if not isinstance(slack, int) or isinstance(slack, bool) or slack < 0:
-                raise PolicyError(f"slack must be an int >= 0, got {slack!r}")
-            self.slack = slack
-
-        def config(self) -> dict[str, Any]:
-            return {**super().config(), "slack": self.slack}
-
-        def prefetch_count(self, view: Any, requested: int) -> int:
-            return min(requested, max(0, len(view) - view.num_finished - self.slack))
-
     policy = get_policy("TailPrefetchForTest", slack=1)
     assert policy.prefetch_count(view(6, 2), 10) == 3
     assert policy.prefetch_count(view(6, 2), 2) == 2
     assert policy.prefetch_count(view(6, 6), 10) == 0
+    assert policy.should_stop_gen(view(20, 18, target=20))
+    assert not policy.should_stop_gen(view(20, 17, target=20))
     assert get_policy(policy.name, **policy.config()) == policy
+    assert register_policy(TailPrefetchForTest) is TailPrefetchForTest  # re-registering is a no-op
     with pytest.raises(PolicyError, match="slack"):
         get_policy("TailPrefetchForTest", slack=-1)

@@ -2,8 +2,10 @@
 
 One :meth:`Scheduler.run_step`:
 
-1. asks the view to prefetch ``oversample`` rows of later steps (the policy decides how many; FixedBatch:
-   none);
+1. tops the step up to ``target_size + oversample`` rows: asks the view to prefetch the missing rows from
+   later steps (rows postponed into the step count; the policy decides how many it grants; FixedBatch:
+   none). Like APRIL's over-provisioning, this keeps the same number of requests in flight every step,
+   also after a step that finished more rows than ``target_size``;
 2. submits every row to the engine; a row carrying partial output (``prl_partial_tokens``, ...) resumes
    from it (prompt + partial tokens are prefilled, the budget left is ``max_tokens - len(partial)``); rows
    that reached the policy's ``max_postpones`` are submitted first;
@@ -22,6 +24,7 @@ may hold more than ``target_size`` rows. Partial state written on postponed rows
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -235,7 +238,8 @@ class Scheduler:
         start, first_span = engine.clock, len(engine.timeline)
         data_path = _Stopwatch()
         with data_path:
-            prefetched = len(view.prefetch_samples(self.oversample))
+            wanted = max(0, view.target_size + self.oversample - len(view))
+            prefetched = len(view.prefetch_samples(wanted))
             rows = {
                 r.sample_id: r for r in (self._make_row(dataproto_row(view, i)) for i in range(len(view)))
             }
@@ -266,27 +270,35 @@ class Scheduler:
                 view.mark_finished(done)
                 return view.should_stop_gen()
 
-        submit(order)
-        while engine.num_pending() and not collect(engine.step()):
-            pass
-        remaining = list(live.values())
-        forced = [r for r in remaining if not view.policy.may_postpone(r.times_postponed)]
-        movable = [r for r in remaining if view.policy.may_postpone(r.times_postponed)]
         postponed: list[str] = []
-        if movable:
-            moving = {r.sample_id for r in movable}
-            collect(engine.abort([rid for rid, r in live.items() if r.sample_id in moving]))
-            with data_path:
-                accepted = view.postpone_samples(
-                    rows_to_dataproto(DataProto, [r.partial_fields() for r in movable])
-                )
-            if accepted:
-                postponed = [r.sample_id for r in movable]
-            else:
-                submit(movable)
-                forced += movable
-        while engine.num_pending():
-            collect(engine.step())
+        forced: list[_Row] = []
+        try:
+            submit(order)
+            while engine.num_pending() and not collect(engine.step()):
+                pass
+            forced = [r for r in live.values() if not view.policy.may_postpone(r.times_postponed)]
+            movable = [r for r in live.values() if view.policy.may_postpone(r.times_postponed)]
+            if movable:
+                moving = {r.sample_id for r in movable}
+                collect(engine.abort([rid for rid, r in live.items() if r.sample_id in moving]))
+                with data_path:
+                    accepted = view.postpone_samples(
+                        rows_to_dataproto(DataProto, [r.partial_fields() for r in movable])
+                    )
+                if accepted:
+                    postponed = [r.sample_id for r in movable]
+                else:
+                    submit(movable)
+                    forced += movable
+            while engine.num_pending():
+                collect(engine.step())
+        except BaseException:
+            # Leave the engine empty for the next step; the step's rows stay in the store (lease expiry or
+            # a retry of the step brings them back), so nothing is lost.
+            if live:
+                with contextlib.suppress(EngineError):
+                    engine.abort(list(live))
+            raise
         with data_path:
             batch_rows = [rows[sid] for sid in view.sample_ids() if sid in finished]
             batch = self._batch(batch_rows, view.step, version)
@@ -351,7 +363,9 @@ class Scheduler:
             "response_mask": mask,
             "response_lengths": lengths,
         }
-        return base.union(DataProto.from_dict(tensors=tensors)) if n else base
+        if not n:  # keep the documented columns in an empty batch
+            base.non_tensor_batch[FIELD_SAMPLE_ID] = np.empty(0, dtype=object)
+        return base.union(DataProto.from_dict(tensors=tensors))
 
     # ----------------------------------------------------------------- many steps
     def run(

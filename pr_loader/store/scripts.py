@@ -113,11 +113,11 @@ local function undo_entry(s, w, ctx)
   if kind == 'D' then
     ctx.ex[w[3]] = true
   elseif kind == 'P' then
-    local t = tonumber(w[3])
-    local t_claimed = claimed(t)
+    -- a claimed target has no arrivals list any more (and takes no new arrivals), so LREM finds nothing
+    local arrivals = P .. 'arrivals:' .. w[3]
     for i = #w - 1, 4, -2 do
       local old, new = w[i], w[i + 1]
-      if (not t_claimed) and redis.call('LREM', P .. 'arrivals:' .. t, 1, new) == 1 then
+      if redis.call('LREM', arrivals, 1, new) == 1 then
         redis.call('HDEL', K_PAYLOADS, new)
       else
         ctx.ex[old] = true  -- the new version lives on elsewhere (or is dead): the old one must not return
@@ -134,7 +134,7 @@ local function undo_entry(s, w, ctx)
         ctx.extras[s] = ctx.extras[s] or {}
         table.insert(ctx.extras[s], 1, keep)
       else
-        push_all('LPUSH', P .. 'batch:' .. t, keep)
+        push_front(P .. 'batch:' .. t, keep)
       end
     end
   elseif kind == 'C' then

@@ -148,3 +148,31 @@ def test_kill_during_rollback_then_resume(chaos_server: RedisServer, tmp_path: P
     story = crash_and_recover(chaos_server, work, tmp_path, random.Random(0), "rollback", plans)
     assert [s.endswith("exit -9") for s in story] == [True, True, True, False], story
     verify(chaos_server, work, reference, story)
+
+
+@pytest.mark.parametrize("undo", ["rollback", "lease-expiry"])
+def test_undone_prefetch_returns_rows_in_source_order(chaos_server: RedisServer, undo: str) -> None:
+    """The smallest form of a trace difference the random kills find: rows a step prefetched go back to the
+    head of their source batch in their original order, so the redo prefetches the same rows in the same
+    order."""
+    work = Workload(run_id=f"undo-order-{undo}", seed=1)
+    client = connect(chaos_server.url)
+    try:
+        store = BatchStore.open(client, work.config())
+        for s in range(3):
+            store.materialise(s, work.fresh_rows(s))
+        source_before = client.lrange(store.keys.batch(1), 0, -1)
+        claimed = store.claim("a", 30.0, now=1.0)
+        assert claimed is not None and claimed.step == 0
+        first = [r.ref.encode() for r in store.prefetch(0, "a", 2, 5, now=1.0).rows]
+        if undo == "rollback":
+            store.rollback(-1)
+        else:
+            assert store.expire_leases(now=100.0) == [0]
+        assert client.lrange(store.keys.batch(1), 0, -1) == source_before
+        again = store.claim("b", 30.0, now=200.0)
+        assert again is not None and again.step == 0
+        second = [r.ref.encode() for r in store.prefetch(0, "b", 2, 5, now=200.0).rows]
+        assert second == first
+    finally:
+        client.close()

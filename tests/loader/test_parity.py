@@ -22,7 +22,7 @@ EPOCHS = 3
 SAMPLES: dict[str, Callable[[int], Any]] = {
     "tensor": lambda i: torch.arange(3) * i,
     "tuple": lambda i: (torch.tensor(i), i, float(i) / 2),
-    "dict": lambda i: {"ids": torch.full((2,), i), "text": f"t{i}", "arr": np.arange(2, dtype=np.float32) + i},
+    "dict": lambda i: {"ids": torch.full((2,), i), "text": f"t{i}", "arr": np.arange(2.0, dtype=np.float32)},
     "numpy": lambda i: np.arange(4, dtype=np.float64) * i,
     "string": lambda i: f"item-{i}",
     "int": lambda i: i,
@@ -75,7 +75,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "batch_size_none": lambda: {"batch_size": None, "shuffle": True, "generator": seeded()},
     "custom_collate": lambda: {"batch_size": 3, "collate_fn": pair_collate, "shuffle": True,
                                "generator": seeded()},
-    "sampler": lambda: {"batch_size": 4, "sampler": tud.SubsetRandomSampler(range(3, 20), generator=seeded(1))},
+    "sampler": lambda: {"batch_size": 4,
+                        "sampler": tud.SubsetRandomSampler(range(3, 20), generator=seeded(1))},
     "weighted_sampler": lambda: {"batch_size": 2, "sampler": tud.WeightedRandomSampler(
         [1.0] * 10 + [3.0] * 13, num_samples=15, generator=seeded(2))},
     "batch_sampler": lambda: {"batch_sampler": tud.BatchSampler(

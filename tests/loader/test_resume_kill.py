@@ -36,7 +36,9 @@ def run_life(server: RedisServer, run_id: str, workdir: Path, kill: tuple[int, s
 
 @pytest.mark.redis
 @pytest.mark.parametrize("seed", [0])
-def test_sigkill_resume_trace_equals_uninterrupted(redis_server: RedisServer, tmp_path: Path, seed: int) -> None:
+def test_sigkill_resume_trace_equals_uninterrupted(
+    redis_server: RedisServer, tmp_path: Path, seed: int
+) -> None:
     reference_dir = tmp_path / "reference"
     reference_dir.mkdir()
     trainer_proc.train(redis_server.url, f"ref-{uuid.uuid4().hex}", reference_dir)

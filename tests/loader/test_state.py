@@ -105,7 +105,7 @@ def test_state_of_another_run_or_dataset() -> None:
     _, state = consume(make(), 2)
     with pytest.raises(StateDictError, match="belongs to run"):
         make(run_id=f"other-{uuid.uuid4().hex}").load_state_dict(state)
-    with pytest.raises(StateDictError, match="fingerprint|steps_per_epoch"):
+    with pytest.raises(StateDictError, match=r"fingerprint|steps_per_epoch"):
         prl.DataLoader(DATA[:10], batch_size=B, redis_url=FAKE_URL).load_state_dict(state)
     with pytest.raises(StateDictError, match="version"):
         make().load_state_dict({**state, "version": 2})
@@ -150,7 +150,9 @@ def test_different_num_workers_on_resume(redis_server: RedisServer) -> None:
 def test_ranks_are_disjoint_distributed_shards(drop_last: bool) -> None:
     run_id = f"ranks-{uuid.uuid4().hex}"
     for rank in (0, 1):
-        sampler = tud.DistributedSampler(DATA, num_replicas=2, rank=rank, shuffle=True, seed=0, drop_last=drop_last)
+        sampler = tud.DistributedSampler(
+            DATA, num_replicas=2, rank=rank, shuffle=True, seed=0, drop_last=drop_last
+        )
         ref_loader = tud.DataLoader(DATA, batch_size=3, sampler=sampler, drop_last=drop_last)
         reference_epochs = []
         for epoch in range(2):
@@ -169,14 +171,15 @@ def test_competing_consumers_and_lease_expiry() -> None:
     a = make(run_id=run_id, consumer_id="a", shuffle=False, lease_seconds=30)
     b = make(run_id=run_id, consumer_id="b", shuffle=False, lease_seconds=30)
     it_a = iter(a)
-    held = next(it_a)  # consumer a claims step 0 and dies
+    held = next(it_a)  # consumer a works on step 0 (and has claimed step 1 ahead), then dies
     it_a.close()
+    assert a.source.inflight_mine() == [0, 1]
     got = list(b)
-    assert len(got) == S - 1 and not any(torch.equal(held["i"], g["i"]) for g in got)
+    assert len(got) == S - 2 and not any(torch.equal(held["i"], g["i"]) for g in got)
     store = b.source.shard().store
-    assert store.expire_leases(now=time.time() + 31) == [0]  # a's lease ran out
+    assert store.expire_leases(now=time.time() + 31) == [0, 1]  # a's leases ran out
     redelivered = list(b)
-    assert len(redelivered) == 1
+    assert len(redelivered) == 2
     assert_same(held, redelivered[0])
     assert b.state_dict()["step"] == S - 1
 

@@ -97,7 +97,7 @@ def train(url: str, run_id: str, workdir: Path, *, kill: tuple[int, str] | None 
                     save_state(state_path, loader.state_dict())
                 if kill == (view.step, "saved"):
                     os.kill(os.getpid(), signal.SIGKILL)
-            if last >= EPOCHS * S - 1 or last == -1 and loader.state_dict()["step"] >= EPOCHS * S - 1:
+            if last >= EPOCHS * S - 1 or (last == -1 and loader.state_dict()["step"] >= EPOCHS * S - 1):
                 break
     loader.state_dict()  # commits the final step
     loader.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 
 from pr_loader import codec
 from pr_loader.dataset import RedisBatchDataset
-from pr_loader.errors import NeedsMaterialisation
+from pr_loader.errors import LeaseLost, NeedsMaterialisation
 from pr_loader.linked import LinkedDataProto, StepSession
 from pr_loader.policy import FixedBatch, Policy, PostponeToNext
 from pr_loader.rollout import (
@@ -161,3 +162,22 @@ def test_scheduler_over_redis_batch_dataset() -> None:
     assert sorted(delivered + pending) == sorted(f"0:{i}" for i in range(48))
     assert len(set(delivered + pending)) == 48
     ds.close()
+
+
+def test_lease_lost_mid_step_loses_nothing() -> None:
+    """The store refuses the postpone (lease expired): the engine is left empty, the step's rows (prefetched
+    ones included) come back on lease expiry, and the run still delivers every row exactly once."""
+    run = Run(PostponeToNext(max_postpones=2))
+    sched = Scheduler(sim(), oversample=4, max_tokens=400)
+    view = next(run.views())
+    assert view.session is not None
+    later = time.time() + 10_000  # past the 600 s lease
+    view.session.clock = lambda: later
+    with pytest.raises(LeaseLost):
+        sched.run_step(view)
+    assert sched.engine.num_pending() == 0
+    assert run.store.expire_leases(now=later) == [0]
+    results: list[StepResult] = []
+    sched.run(run.views(), on_batch=results.append)
+    assert results[0].metrics.step == 0
+    assert sorted(by_id(results)) == all_ids()

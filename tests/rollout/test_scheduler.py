@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pr_loader.errors import ConfigError, EngineError
+from pr_loader.errors import ConfigError, EngineError, LeaseLost
 from pr_loader.policy import FixedBatch, Policy, PostponeToNext, RunLayout
 from pr_loader.rollout import (
     LengthDistribution,
@@ -20,8 +20,8 @@ from pr_loader.rollout import (
 )
 from pr_loader.rollout.engine import GenRequest
 from pr_loader.rollout.simulated import hashed_tokens
-from pr_loader.rows import dataproto_row
-from tests.rollout.standin import StandInRun
+from pr_loader.rows import dataproto_row, rows_to_dataproto
+from tests.rollout.standin import StandInRun, StandInView, make_row
 
 MAX_TOKENS = 400
 
@@ -97,6 +97,9 @@ def test_partial_stops_postpones_with_partial_state_and_resumes() -> None:
         np.testing.assert_array_equal(got[sid]["logprobs"], want_lp)
         assert set(got[sid]["versions"][:n]) <= {0} and set(got[sid]["versions"][n:]) <= {1}
     assert second.metrics.rows_resumed == len(first.postponed_ids)
+    # topped up to target_size + oversample: arrivals + the 12 fresh rows left in step 1 + prefetched rows
+    assert second.metrics.rows_submitted == 20
+    assert second.metrics.rows_prefetched == 20 - len(first.postponed_ids) - 12
 
 
 def test_no_row_lost_or_duplicated_and_every_response_is_uninterrupted() -> None:
@@ -226,3 +229,47 @@ def test_policy_layout_sanity() -> None:
     assert PostponeToNext().postpone_target(0, RunLayout(4, 1, 8)) == 1
     assert FixedBatch().postpone_target(0, RunLayout(4, 1, 8)) is None
     assert isinstance(StopEarlyNoPostpone(), Policy)
+
+
+def test_resume_from_partial_state_stacked_in_batch() -> None:
+    """Equal-length partial tensors in every row are stacked into ``batch``: resume must read them there."""
+    ids = [i for i in range(40) if lengths().length_of(f"0:{i}") > 3][:8]
+    rows = []
+    for i in ids:
+        row = make_row(i)
+        tokens, logprobs = hashed_tokens(5, f"0:{i}", 0, 3, 256)
+        row.update(
+            prl_times_postponed=1,
+            prl_partial_tokens=torch.from_numpy(tokens),
+            prl_partial_logprobs=torch.from_numpy(logprobs),
+            prl_partial_versions=torch.tensor([0, 0, 0]),
+        )
+        rows.append(row)
+    view = rows_to_dataproto(StandInView, rows)
+    assert view.batch is not None and "prl_partial_tokens" in set(view.batch.keys())
+    run = StandInRun(8, 8, PostponeToNext())  # its own rows are not used
+    view.step, view.target_size, view.policy, view.run = 0, 8, run.policy, run
+    res = Scheduler(sim_engine(), max_tokens=MAX_TOKENS, weights_version=1).run_step(view)
+    got = responses_of(res)
+    assert sorted(got) == sorted(f"0:{i}" for i in ids) and res.metrics.rows_resumed == 8
+    assert res.metrics.partial_ratio == 1.0 and res.metrics.max_version_span == 1
+    for sid, r in got.items():
+        np.testing.assert_array_equal(r["tokens"], hashed_tokens(5, sid, 0, lengths().length_of(sid), 256)[0])
+        assert r["versions"].tolist() == [0, 0, 0] + [1] * (r["tokens"].size - 3)
+
+
+def test_failed_postpone_leaves_the_engine_empty() -> None:
+    run = StandInRun(32, 16, PostponeToNext())
+    engine = sim_engine()
+    sched = Scheduler(engine, oversample=4, max_tokens=MAX_TOKENS)
+    view = run.view(0)
+
+    def broken(samples: Any) -> bool:
+        raise LeaseLost("lease of step 0 expired")
+
+    view.postpone_samples = broken  # type: ignore[method-assign]
+    with pytest.raises(LeaseLost):
+        sched.run_step(view)
+    assert engine.num_pending() == 0
+    # usable again (step 1 lacks the 4 rows prefetched into the failed step: the stand-in has no lease expiry)
+    assert len(sched.run_step(run.view(1)).batch) == 12

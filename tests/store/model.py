@@ -67,9 +67,8 @@ class Model:
             ctx.excluded.add(data)
         elif kind == "P":
             t, pairs = data
-            t_claimed = self.claimed(t)
             for old, new in reversed(pairs):
-                if not t_claimed and new in self.arrivals[t]:
+                if new in self.arrivals[t]:
                     self.arrivals[t].remove(new)
                     del self.payloads[new]
                 else:

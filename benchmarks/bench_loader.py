@@ -1,0 +1,298 @@
+"""pr_loader.DataLoader benchmarks: background prefetch, data path against raw redis-py, big samples,
+resume latency on a 1M-sample run, and torch / torchdata loaders side by side.
+
+Run by hand: ``.venv/bin/python benchmarks/bench_loader.py [--quick]``. Starts its own ``redis-server`` on a
+free port in a temp dir (never 6379) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+T_START = time.time()  # for the resume child: the process started just before this line
+
+import redis  # noqa: E402
+import torch  # noqa: E402
+import torch.utils.data as tud  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+T_IMPORTED_TORCH = time.time()
+from pr_loader import codec  # noqa: E402
+from pr_loader.dataloader import DataLoader  # noqa: E402
+
+BATCH = 256
+MiB = 1 << 20
+
+
+def rl_sample(i: int) -> dict[str, Any]:
+    """An RL prompt sample: 1024-token ids / mask / positions, a prompt string, an index."""
+    return {
+        "input_ids": (torch.arange(1024, dtype=torch.int64) * 7 + i) % 150_000,
+        "attention_mask": torch.ones(1024, dtype=torch.int64),
+        "position_ids": torch.arange(1024, dtype=torch.int64),
+        "prompt": f"Question {i}: solve the following problem step by step. " * 8,
+        "index": i,
+    }
+
+
+class Synthetic(tud.Dataset[dict[str, Any]]):
+    """``n`` small items computed on demand (a 1M-sample dataset without 1M objects in memory)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": torch.full((8,), i, dtype=torch.int64), "index": i}
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server not found")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    assert port != 6379
+    tmp = tempfile.mkdtemp(prefix="prl-bench-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
+         "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", os.path.join(tmp, "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(500):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.01)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def materialised_loader(data: Any, url: str, batch: int, epochs: int = 1) -> DataLoader:
+    """A loader whose first ``epochs`` epochs are already written to Redis (so timing covers reads only)."""
+    loader = DataLoader(
+        data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0), redis_url=url
+    )
+    source = loader.source
+    for epoch in range(epochs):
+        source.ensure_plan(epoch)
+        for step in range(epoch * source.steps_per_epoch, (epoch + 1) * source.steps_per_epoch):
+            source.materialise(step)
+    return loader
+
+
+def bench_prefetch(url: str, data: list[dict[str, Any]], epochs: int) -> dict[str, str]:
+    """(a) wait for the next batch while the consumer works 20 ms per step; order identical to torch."""
+    loader = DataLoader(
+        data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1), redis_url=url
+    )
+    reference = tud.DataLoader(
+        data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
+    waits: list[float] = []
+    identical = True
+    for _ in range(epochs):
+        it = iter(loader)
+        for k, expected in enumerate(reference):
+            t0 = time.perf_counter()
+            batch = next(it)
+            if k > 0:  # the first batch of an epoch has nothing to overlap with
+                waits.append(time.perf_counter() - t0)
+            identical &= bool(torch.equal(batch["input_ids"], expected["input_ids"]))
+            time.sleep(0.02)
+    waits.sort()
+    loader.close()
+    return {
+        "(a) wait for next batch, p50 (consumer works 20 ms/step)": ms(statistics.median(waits)),
+        "(a) wait for next batch, p90": ms(waits[int(len(waits) * 0.9)]),
+        "(a) batches identical to torch.utils.data.DataLoader": "yes" if identical else "NO",
+    }
+
+
+def bench_data_path(url: str, data: list[dict[str, Any]], epochs: int) -> dict[str, str]:
+    """(b) fetch + decode + collate per step against raw LRANGE of the same payload bytes."""
+    loader = materialised_loader(data, url, BATCH, epochs)
+    steps, t0 = 0, time.perf_counter()
+    for _ in range(epochs):
+        for _batch in loader:
+            steps += 1
+    ours = (time.perf_counter() - t0) / steps
+    loader.close()
+    client = redis.Redis.from_url(url)
+    payloads = [codec.encode(sample) for sample in data[:BATCH]]
+    client.delete("bench:raw")
+    client.rpush("bench:raw", *payloads)
+    raw_times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        client.lrange("bench:raw", 0, -1)
+        raw_times.append(time.perf_counter() - t0)
+    raw = statistics.median(raw_times)
+    client.delete("bench:raw")
+    mb = sum(len(p) for p in payloads) / MiB
+    return {
+        f"(b) pr_loader fetch+decode+collate per step ({BATCH} x {mb / BATCH * 1024:.0f} KiB)": ms(ours),
+        "(b) raw redis-py LRANGE of the same bytes": ms(raw),
+        "(b) ratio (target <= 2x)": f"{ours / raw:.2f}x",
+    }
+
+
+def bench_big(url: str, epochs: int) -> dict[str, str]:
+    """(c) throughput of 1 MiB samples against the pipelined redis-py ceiling."""
+    n, batch = 64, 16
+    data = [{"blob": torch.full((MiB,), i % 251, dtype=torch.uint8)} for i in range(n)]
+    loader = materialised_loader(data, url, batch, epochs)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for _batch in loader:
+            pass
+    ours = n * epochs * MiB / (time.perf_counter() - t0) / MiB
+    loader.close()
+    client = redis.Redis.from_url(url)
+    payload = codec.encode(data[0])
+    for i in range(batch):
+        client.set(f"bench:big:{i}", payload)
+    t0 = time.perf_counter()
+    for _ in range(n * epochs // batch):
+        pipe = client.pipeline(transaction=False)
+        for i in range(batch):
+            pipe.get(f"bench:big:{i}")
+        pipe.execute()
+    raw = n * epochs * len(payload) / (time.perf_counter() - t0) / MiB
+    client.delete(*[f"bench:big:{i}" for i in range(batch)])
+    return {
+        "(c) 1 MiB samples through pr_loader": f"{ours:.0f} MB/s",
+        "(c) raw redis-py pipelined GET ceiling": f"{raw:.0f} MB/s",
+        "(c) ratio (target >= 0.7x)": f"{ours / raw:.2f}x",
+    }
+
+
+def resume_child(url: str, run_id: str, state: str, spawned: float) -> None:
+    """(d) child: resume the 1M-sample run from ``state`` and time the first batch."""
+    t_build = time.time()
+    loader = DataLoader(
+        Synthetic(1_000_000), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(3),
+        redis_url=url, run_id=run_id,
+    )  # fmt: skip
+    loader.load_state_dict(json.loads(state))
+    batch = next(iter(loader))
+    t_first = time.time()
+    loader.close()
+    imports = T_IMPORTED_TORCH - T_START
+    result = {"total": t_first - spawned, "after_imports": t_first - t_build, "imports": imports}
+    print(json.dumps({**result, "first_index": int(batch["index"][0])}))
+
+
+def bench_resume(url: str, fractions: list[float]) -> dict[str, str]:
+    """(d) process start -> first batch when resuming a 1M-sample run at several positions of an epoch."""
+    run_id = f"resume-{os.getpid()}"
+    steps_per_epoch = -(-1_000_000 // BATCH)
+    done, out = 0, {}
+    for fraction in fractions:
+        target = int(steps_per_epoch * fraction)
+        loader = DataLoader(
+            Synthetic(1_000_000), batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(3),
+            redis_url=url, run_id=run_id,
+        )  # fmt: skip
+        it = iter(loader)
+        while done < target:
+            next(it)
+            done += 1
+        state = json.dumps(loader.state_dict())
+        loader.close()
+        spawned = time.time()
+        child = subprocess.run(
+            [sys.executable, __file__, "--resume-child", url, run_id, state, repr(spawned)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        got = json.loads(child.stdout.strip().splitlines()[-1])
+        out[f"(d) resume at step {target} ({fraction:.0%} of epoch): build -> first batch"] = ms(
+            got["after_imports"]
+        )
+        out[f"(d) resume at step {target}: process start -> first batch (imports {got['imports']:.2f} s)"] = (
+            f"{got['total']:.2f} s"
+        )
+    return out
+
+
+def bench_throughput(url: str, data: list[dict[str, Any]], epochs: int) -> dict[str, str]:
+    """(e) samples/s, no consumer work: torch, torchdata StatefulDataLoader (snapshot every step), ours."""
+    out = {}
+    loaders: list[tuple[str, Any]] = [
+        ("torch.utils.data.DataLoader", tud.DataLoader(data, batch_size=BATCH, shuffle=True)),
+    ]
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        loaders.append(
+            ("torchdata StatefulDataLoader (snapshot_every_n_steps=1)",
+             StatefulDataLoader(data, batch_size=BATCH, shuffle=True, snapshot_every_n_steps=1))
+        )  # fmt: skip
+    except ImportError:
+        pass
+    loaders.append(("pr_loader.DataLoader (materialise + claim + decode + collate)",
+                    DataLoader(data, batch_size=BATCH, shuffle=True, redis_url=url)))  # fmt: skip
+    for name, loader in loaders:
+        t0, n = time.perf_counter(), 0
+        for _ in range(epochs):
+            for batch in loader:
+                n += len(batch["index"])
+        out[f"(e) {name}"] = f"{n / (time.perf_counter() - t0):,.0f} samples/s"
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and resume positions")
+    parser.add_argument(
+        "--resume-child", nargs=4, metavar=("URL", "RUN", "STATE", "SPAWNED"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.resume_child:
+        url, run_id, state, spawned = args.resume_child
+        resume_child(url, run_id, state, float(spawned))
+        return
+    epochs = 1 if args.quick else 2
+    data = [rl_sample(i) for i in range(2048)]
+    rows: dict[str, str] = {}
+    with redis_server() as url:
+        rows.update(bench_prefetch(url, data, epochs))
+        rows.update(bench_data_path(url, data, epochs))
+        rows.update(bench_big(url, epochs))
+        rows.update(bench_resume(url, [0.5] if args.quick else [0.1, 0.5, 0.9]))
+        rows.update(bench_throughput(url, data, epochs))
+    print(f"\n| measurement (torch {torch.__version__}, {os.cpu_count()} CPUs) | value |\n|---|---|")
+    for name, value in rows.items():
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
