@@ -29,9 +29,10 @@ import torch  # noqa: E402
 import torch.utils.data as tud  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-T_IMPORTED_TORCH = time.time()
 from pr_loader import codec  # noqa: E402
 from pr_loader.dataloader import DataLoader  # noqa: E402
+
+T_IMPORTED = time.time()
 
 BATCH = 256
 MiB = 1 << 20
@@ -206,7 +207,7 @@ def resume_child(url: str, run_id: str, state: str, spawned: float) -> None:
     batch = next(iter(loader))
     t_first = time.time()
     loader.close()
-    imports = T_IMPORTED_TORCH - T_START
+    imports = T_IMPORTED - T_START
     result = {"total": t_first - spawned, "after_imports": t_first - t_build, "imports": imports}
     print(json.dumps({**result, "first_index": int(batch["index"][0])}))
 

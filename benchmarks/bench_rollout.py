@@ -1,7 +1,7 @@
 """Synchronous vs partial rollout, end to end through the Redis-backed loader (run by hand).
 
-Every mode iterates one epoch of linked views (``RedisBatchDataset(linked=True)`` on the in-process fakeredis
-store, or ``--redis-url``) and drives them with :class:`pr_loader.rollout.Scheduler`:
+Every mode iterates one epoch of linked views (``pr_loader.dataloader.DataLoader(linked=True)`` on the
+in-process fakeredis store, or ``--redis-url``) and drives them with :class:`pr_loader.rollout.Scheduler`:
 
 * ``sync``: ``FixedBatch`` - every row of a step is generated to the end (the baseline);
 * ``partial``: ``PostponeToNext(max_postpones=2)`` + over-sampling - the step stops once ``batch_size`` rows
@@ -35,11 +35,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TextIO
 
 import torch
 
-from pr_loader.dataset import RedisBatchDataset
+from pr_loader.dataloader import DataLoader
 from pr_loader.policy import FixedBatch, Policy, PostponeToNext
 from pr_loader.rollout import (
     Engine,
@@ -96,8 +96,8 @@ def torch_setting(scale: int, device: str) -> Setting:
 
 
 def run_mode(
-    setting: Setting, policy: Policy, oversample: int, redis_url: str, timeline: Any = None
-) -> dict[str, Any]:
+    setting: Setting, policy: Policy, oversample: int, redis_url: str, timeline: TextIO | None = None
+) -> dict[str, float]:
     """One epoch in one mode; returns the run summary. ``timeline``: a text file for the slot spans."""
     n = setting.batch_size * setting.steps
     prompts = [  # 8 samples per prompt
@@ -105,7 +105,7 @@ def run_mode(
         for p in range((n + 7) // 8)
     ]
     data = [{"input_ids": prompts[i // 8]} for i in range(n)]
-    ds = RedisBatchDataset(
+    loader = DataLoader(
         data, batch_size=setting.batch_size, linked=True, policy=policy, redis_url=redis_url,
         run_id=f"bench-{uuid.uuid4().hex[:8]}", lease_seconds=3600.0,
     )  # fmt: skip
@@ -117,12 +117,13 @@ def run_mode(
     finished: list[str] = []
 
     def on_batch(result: StepResult) -> None:
-        finished.extend(str(s) for s in result.batch.non_tensor_batch.get("prl_sample_id", []))
+        finished.extend(str(s) for s in result.batch.non_tensor_batch["prl_sample_id"])
 
     t0 = time.perf_counter()
-    metrics = sched.run(ds, on_batch=on_batch)
+    metrics = sched.run(loader, on_batch=on_batch)
     wall = time.perf_counter() - t0
-    pending = [row.ref.key() for row in ds.shard().store.read_rows(setting.steps)]  # postponed past the epoch
+    store = loader.source.shard().store
+    pending = [row.ref.key() for row in store.read_rows(setting.steps)]  # postponed past the epoch
     expected = {f"0:{i}" for i in range(n)}
     seen = finished + pending
     summary = metrics.summary()
@@ -133,7 +134,7 @@ def run_mode(
         pending=float(len(pending)),
         bench_wall_s=wall,
     )
-    ds.close()
+    loader.close()
     if timeline is not None:
         mode = "sync" if isinstance(policy, FixedBatch) else "partial"
         for span in metrics.timeline:

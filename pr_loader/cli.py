@@ -18,15 +18,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from redis.exceptions import RedisError
+
 from pr_loader import __version__
 from pr_loader.errors import ConfigError, PrLoaderError
 from pr_loader.server import default_url, open_client
-from pr_loader.store.connection import Client
+from pr_loader.store.connection import Client, redact
 
 __all__ = ["build_parser", "main"]
 
 PROG = "pr-loader"
 EXIT_ERROR = 2
+# Modest demo settings per engine: the simulated one runs in seconds (virtual clock), the torch one on a CPU.
+DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sim": {"steps": 24, "batch_size": 64, "oversample": 16, "max_postpones": 2, "seed": 0, "median": 500.0,
+            "p99": 5000.0, "max_tokens": 16384, "prompt_len": 128},
+    "torch": {"steps": 8, "batch_size": 16, "oversample": 4, "max_postpones": 2, "seed": 0, "median": 24.0,
+              "p99": 240.0, "max_tokens": 320, "prompt_len": 16},
+}  # fmt: skip
 _INGEST_DOC = (
     "Create a run whose dataset is the file's records (each a dict) and materialise the steps of its first "
     "epoch; prints the run id. A consumer reads it with pr_loader.DataLoader(records, batch_size=..., "
@@ -93,19 +102,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.resume and args.crash_at is not None and args.run_id is None:
         raise ConfigError("--resume with --crash-at needs --run-id")
     url, client = _connect(args)
-    names = (
-        "steps",
-        "batch_size",
-        "oversample",
-        "max_postpones",
-        "seed",
-        "median",
-        "p99",
-        "max_tokens",
-        "prompt_len",
-    )
     options = DemoOptions(
-        settings={name: getattr(args, name) for name in names},
+        settings={name: getattr(args, name) for name in DEMO_DEFAULTS["sim"]},
+        defaults=DEMO_DEFAULTS,
         engine=args.engine,
         device=args.device,
         url=url,
@@ -253,7 +252,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
     try:
         keys = count_keys(client, args.run_id)
         if not args.yes:
-            print(f"Delete run {args.run_id} ({keys} keys) from {url}? [y/N] ", end="", flush=True)
+            print(f"Delete run {args.run_id} ({keys} keys) from {redact(url)}? [y/N] ", end="", flush=True)
             answer = sys.stdin.readline().strip().lower()
             if answer not in ("y", "yes"):
                 print(f"kept run {args.run_id}")
@@ -293,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-tokens", _positive_int, "response length cap (tokens)"),
         ("--prompt-len", _positive_int, "prompt length (tokens)"),
     ):
-        demo.add_argument(flag, type=kind, help=f"{what} (default depends on --engine)")
+        name = flag[2:].replace("-", "_")
+        sim, torch = DEMO_DEFAULTS["sim"][name], DEMO_DEFAULTS["torch"][name]
+        demo.add_argument(flag, type=kind, help=f"{what} (default: {sim:g} sim, {torch:g} torch)")
     demo.add_argument(
         "--run-id", help="id of the partial run (default: demo-<random>; the baseline is <id>-sync)"
     )
@@ -397,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         try:
             code: int = args.func(args)
-        except PrLoaderError as exc:
+        except (PrLoaderError, RedisError, OSError) as exc:  # Redis lost mid-command, unwritable paths
             print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
             return EXIT_ERROR
         except KeyboardInterrupt:

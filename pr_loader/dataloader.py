@@ -9,11 +9,12 @@ thread works one step ahead: with ``FixedBatch`` it materialises, claims, decode
 while the caller works on step k; with a postponing policy it only materialises step k + 1 (its rows are
 final only when it is claimed, so rows postponed into it while the caller works still arrive there).
 
-Commit points: a step is committed when the next one is requested, when the epoch ends, or when
-:meth:`DataLoader.state_dict` is called. A new ``iter()`` (or a new process with the same ``run_id`` and
-``consumer_id``) first gives back the in-flight steps of the previous iterator, then continues after the
-last committed step; unlike torch, abandoning an iterator mid-epoch therefore continues that epoch instead
-of starting a new one. One ``iter()`` is the rest of one epoch. A heartbeat thread renews the leases of
+Commit points: a step is committed when the next one is requested (``next()``, the end of the epoch, or a
+new ``iter()`` of the same loader), or when :meth:`DataLoader.state_dict` is called. A new ``iter()`` gives
+back steps claimed ahead and continues after the last committed step, so one ``iter()`` is the rest of one
+epoch: unlike torch, abandoning an iterator mid-epoch continues that epoch instead of starting a new one. A
+new process with the same ``run_id`` and ``consumer_id`` first gives back every in-flight step of its dead
+predecessor (the batch it was working on comes again). A heartbeat thread renews the leases of
 claimed-not-committed steps every ``lease_seconds / 3``.
 
 With ``num_workers > 0`` torch's own loader runs a :class:`RedisBatchDataset` in worker processes: each
@@ -23,7 +24,6 @@ reorder buffer) and commits them.
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import zlib
@@ -211,7 +211,7 @@ class _LoaderIter:
         try:
             step, item = next(self.steps)
         except StopIteration:
-            self.close()
+            self.close(finished=True)
             raise
         self.pending = step
         self.yielded.add(step)
@@ -222,15 +222,17 @@ class _LoaderIter:
             self.heartbeat.stop()
             self.background.pool.shutdown(wait=False)
 
-    def close(self) -> None:
-        """Stop the heartbeat and background work; in-flight steps stay claimed until the next iter()."""
+    def close(self, *, finished: bool = False) -> None:
+        """Stop the heartbeat, background work and (unless the epoch finished and they persist) the worker
+        processes; in-flight steps stay claimed until the next iter() releases them."""
         if self.done:
             return
         self.done = True
         self.heartbeat.stop()
         self.background.close()
-        if self.worker_iter is not None and not self.loader.persistent_workers:
+        if self.worker_iter is not None and not (finished and self.loader.persistent_workers):
             _stop_workers(self.worker_iter)
+            self.loader._workers = None
 
 
 class DataLoader(tud.DataLoader[Any]):
@@ -327,7 +329,8 @@ class DataLoader(tud.DataLoader[Any]):
         )
         self.source.auto_set_epoch = built
         self.source.auto_commit = False
-        self.source.planner.base_seed_every_epoch = not (persistent_workers and num_workers > 0)
+        if self.source.planner is not None:
+            self.source.planner.base_seed_every_epoch = not (persistent_workers and num_workers > 0)
         self.linked = linked
         self._active: _LoaderIter | None = None
         self._workers: tud.DataLoader[Any] | None = None
@@ -336,7 +339,8 @@ class DataLoader(tud.DataLoader[Any]):
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> _LoaderIter:  # type: ignore[override]
         """The rest of the current epoch (after the last committed step)."""
-        if self._active is not None:
+        if self._active is not None:  # asking for a new iterator moves past the batch handed out last
+            self._active.commit_pending()
             self._active.close()
         self._started = True
         self._active = _LoaderIter(self)
@@ -351,8 +355,7 @@ class DataLoader(tud.DataLoader[Any]):
     def _worker_loader(self) -> Iterator[tuple[int, Any]]:
         """torch's loader over a worker copy of the source (kept across epochs with persistent_workers)."""
         if self._workers is None or not self.persistent_workers:
-            worker_source = copy.copy(self.source)
-            worker_source.epoch_from_store = True
+            worker_source = self.source.worker_copy()
             seed = torch.Generator()
             seed.manual_seed(zlib.crc32(self.source.run_id.encode()) + self.source.rank)
             self._workers = tud.DataLoader(

@@ -14,6 +14,7 @@ binding); use ``pr_loader.DataLoader(linked=True)`` for bound views with workers
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import torch
@@ -36,13 +37,15 @@ from pr_loader.errors import (
     NeedsMaterialisation,
     StepStateError,
 )
-from pr_loader.linked import LinkedDataProto, StepSession
 from pr_loader.plan import EpochPlanner, PlanStore
 from pr_loader.policy import FixedBatch, Policy, get_policy
 from pr_loader.server import open_client
 from pr_loader.store import BatchStore, ClaimedStep, RunConfig
 from pr_loader.store.connection import Client, DurabilityMode, check_durability, wait_durable
 from pr_loader.store.keys import ShardKeys
+
+if TYPE_CHECKING:
+    from pr_loader.linked import StepSession
 
 __all__ = ["RedisBatchDataset"]
 
@@ -189,8 +192,8 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         except ValueError as exc:  # torch's own argument checks, word for word
             raise ConfigError(str(exc)) from exc
         self.dataset: Any = data
-        self.sampler = plan_loader.sampler
-        self.batch_sampler = plan_loader.batch_sampler
+        self.sampler: Iterable[Any] | None = plan_loader.sampler
+        self.batch_sampler: Iterable[Any] | None = plan_loader.batch_sampler
         self.batch_size = plan_loader.batch_size
         self.drop_last = drop_last
         self.generator = generator
@@ -204,7 +207,8 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         if self.steps_per_epoch < 1:
             raise ConfigError("the dataset and sampler give an empty epoch (no batch at all)")
         self.linked = linked
-        self.planner = EpochPlanner(
+        self.seed = 0 if generator is None else int(generator.initial_seed())
+        self.planner: EpochPlanner | None = EpochPlanner(
             index_sampler, loader_generator=generator, base_seed_every_epoch=True, dataset_len=len(data)
         )
         step_rows = getattr(index_sampler, "batch_size", None) if self.auto_collation else 1
@@ -233,7 +237,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             batch_size=self.step_rows,
             steps_per_epoch=self.steps_per_epoch,
             dataset_fingerprint=self.fingerprint,
-            seed=0 if self.generator is None else int(self.generator.initial_seed()),
+            seed=self.seed,
             policy=self.policy.name,
             world_size=self.world_size,
             rank=self.rank,
@@ -243,6 +247,15 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
     def set_epoch(self, epoch: int) -> None:
         """Pin the epoch the next ``iter()`` covers (needed with worker processes; see the module doc)."""
         self._pinned_epoch = _positive_int("epoch", epoch, 0)
+
+    def worker_copy(self) -> RedisBatchDataset:
+        """A copy for worker processes of :class:`pr_loader.DataLoader`: it claims steps of the epoch the main
+        process pinned and never draws plans, so samplers and generators stay behind (they need not, and a
+        ``torch.Generator`` cannot always, be pickled to a worker)."""
+        clone = copy.copy(self)
+        clone.planner = clone.generator = clone.sampler = clone.batch_sampler = clone.auto_set_epoch = None
+        clone.epoch_from_store = True
+        return clone
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -300,19 +313,21 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
 
     def ensure_plan(self, epoch: int) -> None:
         """Store the plan of ``epoch`` unless present, drawing it like torch's ``iter(DataLoader)`` would."""
-        plans = self.shard().plans
+        plans, planner = self.shard().plans, self.planner
         if plans.exists(epoch):
             state = plans.rng_state(epoch)
-            if state is not None:
-                self.planner.restore_rng(state)
+            if state is not None and planner is not None:
+                planner.restore_rng(state)
             return
+        if planner is None:
+            raise StepStateError(f"the plan of epoch {epoch} is not stored and this copy cannot draw it")
         if epoch > 0:
             previous = plans.rng_state(epoch - 1)
             if previous is not None:
-                self.planner.restore_rng(previous)
+                planner.restore_rng(previous)
         if self.auto_set_epoch is not None:
             self.auto_set_epoch.set_epoch(epoch)
-        plan = self.planner.draw(epoch)
+        plan = planner.draw(epoch)
         if plan.num_steps != self.steps_per_epoch:
             raise ConfigError(
                 f"epoch {epoch} has {plan.num_steps} batches, the run has {self.steps_per_epoch} per epoch"
@@ -320,7 +335,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         if not plans.save(epoch, plan):  # another consumer stored it first: continue from its state
             state = plans.rng_state(epoch)
             if state is not None:
-                self.planner.restore_rng(state)
+                planner.restore_rng(state)
         keep = 2 + self.retain_steps // self.steps_per_epoch
         plans.delete_epoch(epoch - keep)
 
@@ -416,6 +431,8 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             wait_durable(shard.client)
 
     def session(self, step: int) -> StepSession:
+        from pr_loader.linked import StepSession  # tensordict is imported only when views are used
+
         return StepSession(
             store=self.shard().store,
             step=step,
@@ -440,6 +457,8 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
     def build(self, claimed: ClaimedStep) -> Any:
         """What a claimed step yields: a bound view (``linked``) or the collated batch."""
         if self.linked:
+            from pr_loader.linked import LinkedDataProto
+
             return LinkedDataProto.from_claim(claimed, self.session(claimed.step))
         return self.collate(self.decode(claimed))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -50,38 +51,13 @@ from pr_loader.rollout import (
 )
 from pr_loader.runs import delete_run, open_shards, run_exists
 from pr_loader.server import FAKE_URL, embedded_paths
-from pr_loader.store.connection import Client
+from pr_loader.store.connection import Client, redact
 from pr_loader.store.keys import ShardKeys
 
-__all__ = ["DEFAULTS", "DemoSettings", "DemoState", "run_demo"]
+__all__ = ["DemoOptions", "DemoSettings", "DemoState", "run_demo"]
 
 CHECKPOINT_VERSION = 1
 ENGINES = ("sim", "torch")
-# Per engine: modest settings (the simulated one runs in seconds on a virtual clock; the torch one on a CPU).
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "sim": {
-        "steps": 24,
-        "batch_size": 64,
-        "oversample": 16,
-        "max_postpones": 2,
-        "seed": 0,
-        "median": 500.0,
-        "p99": 5000.0,
-        "max_tokens": 16384,
-        "prompt_len": 128,
-    },
-    "torch": {
-        "steps": 8,
-        "batch_size": 16,
-        "oversample": 4,
-        "max_postpones": 2,
-        "seed": 0,
-        "median": 24.0,
-        "p99": 240.0,
-        "max_tokens": 320,
-        "prompt_len": 16,
-    },
-}
 _LEASE_SECONDS = 120.0
 
 
@@ -264,13 +240,16 @@ class Phase:
 def run_phase(phase: Phase, url: str, device: str | None, progress: bool) -> None:
     """Drive the rest of one epoch of ``phase.state``'s run; checkpoint after every commit if asked."""
     state, settings = phase.state, phase.state.settings
+    if state.steps_done >= settings.steps:
+        return
     gen = torch.Generator().manual_seed(settings.seed)
+    dataset: Any = settings.dataset()  # a list: a map-style dataset
     loader = DataLoader(
-        settings.dataset(),
+        dataset,
         batch_size=settings.batch_size,
         shuffle=True,
         generator=gen,
-        linked=True,  # type: ignore[arg-type]
+        linked=True,
         policy=phase.policy,
         redis_url=url,
         run_id=state.run_id,
@@ -427,6 +406,7 @@ class DemoOptions:
     """Resolved command-line options of ``pr-loader demo``."""
 
     settings: dict[str, Any]  # given options only (None = engine default / checkpoint value)
+    defaults: dict[str, dict[str, Any]]  # engine -> default settings
     engine: str | None
     device: str | None
     url: str
@@ -440,7 +420,7 @@ class DemoOptions:
 
 def _resolve(options: DemoOptions) -> DemoSettings:
     engine = options.engine or "sim"
-    values = {**DEFAULTS[engine], **{k: v for k, v in options.settings.items() if v is not None}}
+    values = {**options.defaults[engine], **{k: v for k, v in options.settings.items() if v is not None}}
     return DemoSettings(engine=engine, **values)
 
 
@@ -454,6 +434,22 @@ def _check_resume(options: DemoOptions, stored: DemoSettings) -> None:
                 f"--resume: --{name.replace('_', '-')} {value} differs from the checkpoint's "
                 f"{getattr(stored, name)}"
             )
+
+
+def _check_outputs(options: DemoOptions, settings: DemoSettings) -> None:
+    """Fail before any work when the plot or the device cannot be had."""
+    if options.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ConfigError("--plot needs matplotlib ('pip install pr-loader[plot]')")
+        if not Path(options.plot).parent.is_dir():
+            raise ConfigError(f"--plot: directory {Path(options.plot).parent} does not exist")
+    if settings.engine == "torch" and options.device is not None:
+        try:
+            device = torch.device(options.device)
+        except RuntimeError as exc:
+            raise ConfigError(f"--device {options.device!r}: {exc}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {options.device!r}: CUDA is not available here")
 
 
 def run_demo(options: DemoOptions, client: Client, out: TextIO) -> int:
@@ -482,13 +478,16 @@ def run_demo(options: DemoOptions, client: Client, out: TextIO) -> int:
                 f"got {options.crash_at}"
             )
     settings = partial.settings
+    _check_outputs(options, settings)
     print(
         f"demo: {settings.steps} steps x {settings.batch_size} rows, engine {settings.engine}, "
         f"lengths median {settings.median:g} / p99 {settings.p99:g} / max {settings.max_tokens}, "
-        f"store {options.url}",
+        f"store {redact(options.url)}",
         file=out,
         flush=True,
     )
+    if not options.resume:
+        save_checkpoint(path, partial)  # resumable even if it dies in its first step
     t0 = time.perf_counter()
     run_phase(
         Phase(

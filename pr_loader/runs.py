@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 from pr_loader.errors import RunNotFound, UnsupportedSchema
-from pr_loader.plan import PlanStore
 from pr_loader.store import SCHEMA, BatchStore, RunConfig
 from pr_loader.store.connection import Client
 from pr_loader.store.keys import ShardKeys
@@ -80,6 +79,8 @@ def count_keys(client: Client, run_id: str) -> int:
 
 
 def _shard_report(client: Client, store: BatchStore, now: float) -> dict[str, Any]:
+    from pr_loader.plan import PlanStore  # torch: imported only when a report is made
+
     config = store.config
     stats = store.stats()
     spe = config.steps_per_epoch

@@ -181,8 +181,8 @@ def test_inspect_text_and_json(cli: Cli, url: str) -> None:
     assert text.code == 0, text.err
     for expected in (
         "policy PostponeToNext", "committed up to 0", "postponed rows: 2", "staleness 2",
-        "in-flight leases: 1", "step 1 held by 'worker-b'", "dead letters: 1", "reward model rejected the prompt",
-        "step 2: 2 postponed + 0 fresh rows",
+        "in-flight leases: 1", "step 1 held by 'worker-b'", "dead letters: 1",
+        "reward model rejected the prompt", "step 2: 2 postponed + 0 fresh rows",
     ):  # fmt: skip
         assert expected in text.out, (expected, text.out)
     as_json = cli("inspect", "insp", "--json", "--redis-url", url)
@@ -203,7 +203,7 @@ def test_inspect_text_and_json(cli: Cli, url: str) -> None:
 def test_ingest_jsonl_and_parquet_then_inspect(cli: Cli, url: str, tmp_path: Path) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     pa = pytest.importorskip("pyarrow")
-    records = [{"id": i, "prompt": f"question {i}", "tags": ["a", "b"][: i % 3]} for i in range(10)]
+    records = [{"id": i, "prompt": f"question {i}", "tags": ["a", str(i % 3)]} for i in range(10)]
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     parquet = tmp_path / "prompts.parquet"
@@ -284,6 +284,8 @@ def test_bad_arguments_and_unknown_runs(cli: Cli, url: str, home: Path) -> None:
     crash = cli("demo", "--crash-at", "8", *SMALL, "--redis-url", url)
     assert "--crash-at must be in [0, 7], got 8" in crash.error_line()
     assert "must be non-empty without braces" in cli("inspect", "a{b}", "--redis-url", url).error_line()
+    plot = cli("demo", *SMALL, "--plot", str(home / "missing" / "x.png"), "--redis-url", url)
+    assert "--plot: directory" in plot.error_line() and "does not exist" in plot.error_line()
 
 
 def test_bench_runs_scripts_by_name_with_quick_passed_through(cli: Cli, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ so far. ``clock`` is the engine's time in seconds (virtual for :class:`Simulated
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -24,17 +25,45 @@ FloatArray = npt.NDArray[np.float32]
 FinishReason = Literal["stop", "length", "abort"]
 
 
-def as_token_array(values: object, what: str) -> IntArray:
-    """``values`` (list, ndarray or tensor of ints) as a 1-D int64 array; EngineError names ``what``."""
-    tolist = getattr(values, "tolist", None)
-    raw = tolist() if callable(tolist) else values
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def hash_key(*parts: object) -> int:
+    """A 64-bit key from the str forms of ``parts`` (blake2b): the same in every process and run."""
+    text = "\x00".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def splitmix64(key: int, counters: np.ndarray) -> np.ndarray:
+    """SplitMix64 output number ``counters`` (uint64 array) of the stream seeded with ``key``."""
+    with np.errstate(over="ignore"):
+        x = np.uint64(key) + (counters.astype(np.uint64) + np.uint64(1)) * _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        out: np.ndarray = x ^ (x >> np.uint64(31))
+    return out
+
+
+def unit_floats(bits: np.ndarray) -> np.ndarray:
+    """Uniform floats in (0, 1) from 64-bit random values (their top 53 bits)."""
+    out: np.ndarray = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    return out
+
+
+def as_array(values: object, dtype: type[np.generic], what: str) -> np.ndarray:
+    """``values`` (list, ndarray or CPU tensor) as a 1-D array of ``dtype``; EngineError names ``what``."""
     try:
-        arr = np.asarray(raw, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EngineError(f"{what} must be a sequence of token ids, got {type(values).__name__}") from exc
+        arr = np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+        raise EngineError(f"{what} must be a 1-D numeric sequence, got {type(values).__name__}") from exc
     if arr.ndim != 1:
         raise EngineError(f"{what} must be 1-D, got shape {arr.shape}")
     return arr
+
+
+def as_token_array(values: object, what: str) -> IntArray:
+    """``values`` as a 1-D int64 array of token ids (see :func:`as_array`)."""
+    return as_array(values, np.int64, what)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from pr_loader.rollout.engine import (
     GenRequest,
     IntArray,
     SlotSpan,
+    as_array,
     as_token_array,
 )
 from pr_loader.rollout.metrics import RunMetrics, StepMetrics, busy_slot_seconds, version_stats
@@ -80,17 +81,6 @@ class _Stopwatch:
 
     def __exit__(self, *exc: object) -> None:
         self.total += time.perf_counter() - self._t0
-
-
-def _array(value: object, dtype: type[np.generic], what: str) -> np.ndarray:
-    tolist = getattr(value, "tolist", None)
-    try:
-        arr = np.asarray(tolist() if callable(tolist) else value, dtype=dtype)
-    except (TypeError, ValueError) as exc:
-        raise EngineError(f"{what} is not a numeric sequence ({type(value).__name__})") from exc
-    if arr.ndim != 1:
-        raise EngineError(f"{what} must be 1-D, got shape {arr.shape}")
-    return arr
 
 
 @dataclass
@@ -206,14 +196,22 @@ class Scheduler:
         prompt = as_token_array(fields[self.prompt_key], f"row {sid}: {self.prompt_key!r}")
         mask = fields.get("attention_mask")
         if mask is not None and np.shape(mask) == prompt.shape:
-            prompt = prompt[_array(mask, np.int64, f"row {sid}: attention_mask") != 0]
+            prompt = prompt[as_array(mask, np.int64, f"row {sid}: attention_mask") != 0]
         partial = [fields.pop(name, None) for name in PARTIAL_FIELDS]
         tokens = as_token_array(
             [] if partial[0] is None else partial[0], f"row {sid}: {FIELD_PARTIAL_TOKENS}"
         )
         n = tokens.size
-        logprobs = np.zeros(n, np.float32) if partial[1] is None else _array(partial[1], np.float32, sid)
-        versions = np.full(n, -1, np.int64) if partial[2] is None else _array(partial[2], np.int64, sid)
+        logprobs = (
+            np.zeros(n, np.float32)
+            if partial[1] is None
+            else as_array(partial[1], np.float32, f"row {sid}: {FIELD_PARTIAL_LOGPROBS}")
+        )
+        versions = (
+            np.full(n, -1, np.int64)
+            if partial[2] is None
+            else as_array(partial[2], np.int64, f"row {sid}: {FIELD_PARTIAL_VERSIONS}")
+        )
         if logprobs.size != n or versions.size != n:
             raise EngineError(f"row {sid}: partial tokens, logprobs and versions differ in length")
         return _Row(
@@ -343,27 +341,23 @@ class Scheduler:
         base = rows_to_dataproto(
             DataProto, [r.fields for r in rows], meta_info={"step": step, "weights_version": version}
         )
-        width = max((int(r.tokens.size) for r in rows), default=0)
-        n = len(rows)
-        responses = torch.full((n, width), self.pad_token_id, dtype=torch.int64)
-        logprobs = torch.zeros((n, width), dtype=torch.float32)
-        versions = torch.full((n, width), -1, dtype=torch.int64)
-        mask = torch.zeros((n, width), dtype=torch.int64)
-        for i, r in enumerate(rows):
-            k = int(r.tokens.size)
-            responses[i, :k] = torch.from_numpy(r.tokens)
-            logprobs[i, :k] = torch.from_numpy(r.logprobs)
-            versions[i, :k] = torch.from_numpy(r.versions)
-            mask[i, :k] = 1
-        lengths = torch.tensor([int(r.tokens.size) for r in rows], dtype=torch.int64)
+        lengths = np.array([r.tokens.size for r in rows], dtype=np.int64)
+        width = int(lengths.max(initial=0))
+
+        def padded(parts: Iterable[np.ndarray], fill: float, dtype: type[np.generic]) -> torch.Tensor:
+            out = np.full((len(rows), width), fill, dtype=dtype)
+            for i, part in enumerate(parts):
+                out[i, : part.size] = part
+            return torch.from_numpy(out)
+
         tensors = {
-            "responses": responses,
-            "response_logprobs": logprobs,
-            "response_versions": versions,
-            "response_mask": mask,
-            "response_lengths": lengths,
+            "responses": padded((r.tokens for r in rows), self.pad_token_id, np.int64),
+            "response_logprobs": padded((r.logprobs for r in rows), 0.0, np.float32),
+            "response_versions": padded((r.versions for r in rows), -1, np.int64),
+            "response_mask": padded((np.ones(n, np.int64) for n in lengths), 0, np.int64),
+            "response_lengths": torch.from_numpy(lengths),
         }
-        if not n:  # keep the documented columns in an empty batch
+        if not rows:  # keep the documented columns in an empty batch
             base.non_tensor_batch[FIELD_SAMPLE_ID] = np.empty(0, dtype=object)
         return base.union(DataProto.from_dict(tensors=tensors))
 

@@ -14,7 +14,6 @@ next, so thousands of steps of hundreds of rows run in seconds.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -32,28 +31,17 @@ from pr_loader.rollout.engine import (
     IntArray,
     RequestBook,
     SlotSpan,
+    hash_key,
+    splitmix64,
+    unit_floats,
 )
 
 _Z99 = NormalDist().inv_cdf(0.99)
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _key64(seed: int, sample_id: str, salt: str) -> int:
-    digest = hashlib.blake2b(f"{seed}\x00{salt}\x00{sample_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
 
 
 def _unit(seed: int, sample_id: str, salt: str) -> float:
     """A uniform number in (0, 1), deterministic in its arguments."""
-    return (_key64(seed, sample_id, salt) + 0.5) / 2.0**64
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-        return x ^ (x >> np.uint64(31))
+    return ((hash_key(seed, salt, sample_id) >> 11) + 0.5) / 2.0**53
 
 
 @dataclass(frozen=True)
@@ -107,11 +95,9 @@ def hashed_tokens(
     seed: int, sample_id: str, start: int, stop: int, vocab_size: int
 ) -> tuple[IntArray, FloatArray]:
     """Token ids and log-probs of positions ``start..stop-1`` of a sample's response (deterministic)."""
-    pos = np.arange(start, stop, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        x = _splitmix(np.uint64(_key64(seed, sample_id, "tok")) + pos * np.uint64(0x9E3779B97F4A7C15))
+    x = splitmix64(hash_key(seed, "tok", sample_id), np.arange(start, stop, dtype=np.uint64))
     tokens = (x % np.uint64(vocab_size)).astype(np.int64)
-    logprobs = -((x >> np.uint64(40)).astype(np.float64) / float(1 << 24) * 4.0 + 0.01)
+    logprobs = -(unit_floats(x) * 4.0 + 0.01)
     return tokens, logprobs.astype(np.float32)
 
 

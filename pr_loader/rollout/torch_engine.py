@@ -14,7 +14,6 @@ drawn length. Runs on CPU or CUDA (``device``); ``clock`` is wall time.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import deque
@@ -28,7 +27,16 @@ from torch import nn
 from torch.nn import functional
 
 from pr_loader.errors import ConfigError, EngineError
-from pr_loader.rollout.engine import FinishReason, GenOutput, GenRequest, RequestBook, SlotSpan
+from pr_loader.rollout.engine import (
+    FinishReason,
+    GenOutput,
+    GenRequest,
+    RequestBook,
+    SlotSpan,
+    hash_key,
+    splitmix64,
+    unit_floats,
+)
 
 
 @dataclass(frozen=True)
@@ -255,17 +263,12 @@ class TorchEngine:
         return [int(t) for t in choice.tolist()], [float(x) for x in logprobs.tolist()]
 
     def _gumbel(self, runs: Sequence[_Running]) -> np.ndarray:
-        vocab = np.arange(self.config.vocab_size, dtype=np.uint64)
+        """Gumbel noise [rows, vocab]: a hash of (seed, sample id, position, token), so resumes redraw it."""
+        vocab = self.config.vocab_size
         rows = []
         for run in runs:
             pos = run.req.prefix_ids.size + len(run.tokens)
-            base = np.uint64((run.key * 1_000_003 + pos * 7919) & 0xFFFFFFFFFFFFFFFF)
-            with np.errstate(over="ignore"):
-                x = base + vocab * np.uint64(0x9E3779B97F4A7C15)
-                x = (x ^ (x >> np.uint64(31))) * np.uint64(0xBF58476D1CE4E5B9)
-                x = (x ^ (x >> np.uint64(29))) * np.uint64(0x94D049BB133111EB)
-                x ^= x >> np.uint64(32)
-            u = ((x >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+            u = unit_floats(splitmix64(run.key, np.arange(pos * vocab, (pos + 1) * vocab, dtype=np.uint64)))
             rows.append(-np.log(-np.log(u)))
         return np.stack(rows).astype(np.float32)
 
@@ -319,9 +322,7 @@ class TorchEngine:
         for layer, (k, v) in enumerate(kv):
             self.cache.keys[layer][slot, :, :n] = k[0]
             self.cache.values[layer][slot, :, :n] = v[0]
-        key = int.from_bytes(
-            hashlib.blake2b(f"{self.seed}\x00{req.sample_id}".encode(), digest_size=8).digest()
-        )
+        key = hash_key(self.seed, "gumbel", req.sample_id)
         run = _Running(req, self.clock, n, key)
         self._slots[slot] = run
         chosen, logprobs = self._choose(logits[:, -1], [run])

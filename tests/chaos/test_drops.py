@@ -175,6 +175,7 @@ def test_stalled_reply_times_out_and_retry_is_deduplicated(
         finally:
             released.cancel()
             proxy.release()
+        assert proxy.stats.connections >= 2, "the client never timed out and reconnected: no retry happened"
         steps = direct.hgetall(store.keys.steps)
         assert steps.get(str(claimed.step).encode()) == b"committed"
         nxt = store.claim("c", LEASE, now=3.0, op_id="stall-claim-2")

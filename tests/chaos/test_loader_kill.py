@@ -33,6 +33,7 @@ from tests.chaos.helpers import (
     run_child,
     write_json_atomic,
 )
+from tests.chaos.proxy import ChaosProxy
 from tests.servers import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -69,8 +70,12 @@ def train(
             retain_steps=100,
         )
         ckpt: dict[str, Any] = read_json(ckpt_path, {"state": None, "trace": []})
-        if ckpt["state"] is not None:
-            loader.load_state_dict(ckpt["state"])
+        if ckpt["state"] is None:
+            # checkpoint 0 before training: a trainer that dies before its first checkpoint must restart
+            # from the beginning, not after steps a dead process committed (the loader would skip them)
+            ckpt = {"state": loader.state_dict(), "trace": []}
+            write_json_atomic(ckpt_path, ckpt)
+        loader.load_state_dict(ckpt["state"])
         trace: list[list[int]] = ckpt["trace"]
         for _ in range(EPOCHS + 1):  # bounded: one iter() is (the rest of) one epoch
             if len(trace) >= EPOCHS * STEPS:
@@ -261,3 +266,24 @@ def test_running_loader_detects_everysec_loss(everysec_server: RedisServer, tmp_
         )
     finally:
         loader.close()
+
+
+def test_training_through_a_proxy_that_drops_replies(
+    chaos_server: RedisServer, proxy: ChaosProxy, tmp_path: Path
+) -> None:
+    """The whole loader (claims, commits, materialisation, rollback) talks to Redis through a proxy that
+    loses the reply of some scripts after they ran: the retries must not apply anything twice."""
+    base = chaos_seed()
+    for it in range(chaos_iterations()):
+        rng = random.Random(f"loader-drops:{base}:{it}")
+        seed = rng.randrange(1 << 30)
+        reference = _reference(chaos_server, tmp_path, seed)
+        drops_before = proxy.stats.drops
+        proxy.drop_replies_randomly(b"EVALSHA", 0.1, rng)
+        ckpt = tmp_path / f"drops-{it}.json"
+        result = run_child(train, proxy.url, f"loader-drops-{it}", str(ckpt), seed)
+        proxy.clear_rules()
+        assert result.exitcode == 0 and result.error is None, result.error
+        assert proxy.stats.drops > drops_before, "no reply was dropped: the test proved nothing"
+        TALLY.runs += 1
+        _check(list(read_json(ckpt, {})["trace"]), reference, [f"drops={proxy.stats.drops - drops_before}"])

@@ -12,6 +12,7 @@ process is either ``rollback`` (``store.rollback(checkpoint step)``, the state_d
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.connection
 import random
 from collections.abc import Mapping, Sequence
@@ -172,3 +173,57 @@ def committed_keys(trace: Sequence[tuple[int, list[tuple[str, bytes]]]]) -> list
             epoch, index = ref.split(":")[:2]
             keys.append(f"{epoch}:{index}")
     return keys
+
+
+def consume_competing(
+    url: str,
+    work_dict: Mapping[str, Any],
+    *,
+    consumer_id: str,
+    generation: int,
+    kill: KillPlan | None = None,
+    channel: multiprocessing.connection.Connection | None = None,
+) -> None:
+    """One of several consumers racing on the run: a lost lease drops the step, a claimed postpone target
+    keeps the rows; returns when the run is finished. Clocks: ``generation * CLOCK_GAP`` plus one per round,
+    so a replacement consumer's first claim expires the leases of every older generation (a steal)."""
+    import time
+
+    from pr_loader.errors import LeaseLost, NoStepReady, StepStateError
+
+    work = Workload(**work_dict)
+    killer = Killer(kill, channel=channel)
+    clock = CLOCK_GAP * generation
+    with killer.client_hooks():
+        client = connect(url, retry_seconds=30.0, socket_timeout=10.0)
+        store = BatchStore.open(client, work.config())
+        killer.wrap(store, STORE_METHODS)
+        for _ in range(2000):  # bounded: a round claims, materialises or waits 5 ms for a leased step
+            clock += 1.0
+            try:
+                claimed = store.claim(consumer_id, 1000.0, now=clock)
+            except NeedsMaterialisation as exc:
+                store.materialise(exc.step, work.fresh_rows(exc.step))
+                continue
+            except NoStepReady:
+                time.sleep(0.005)  # other consumers hold the last steps; they commit or get stolen
+                continue
+            if claimed is None:
+                return
+            step = claimed.step
+            rng = random.Random(f"{work.seed}:{step}:{consumer_id}")
+            try:
+                if rng.random() < work.prefetch_p:
+                    _prefetch(store, work, step, consumer_id, rng.randint(1, 3), clock)
+                rows = store.read_rows(step)
+                if rows and step + 1 < work.total_steps and rng.random() < work.postpone_p:
+                    picked = rng.sample(rows, 1)
+                    # step + 1 may have been claimed by another consumer meanwhile: then keep the row
+                    with contextlib.suppress(StepStateError):
+                        store.postpone(
+                            step, consumer_id, [(r.ref, r.payload) for r in picked], step + 1, now=clock
+                        )
+                store.commit(step, consumer_id, now=clock)
+            except (LeaseLost, StepStateError):
+                continue  # a younger consumer stole the step (StepStateError: see docs/BUGS-chaos.md #2)
+        raise RuntimeError("competing consumer loop bound reached")

@@ -120,3 +120,10 @@ def test_parity_real_server(redis_server: RedisServer) -> None:
 )  # fmt: skip
 def test_parity_workers(redis_server: RedisServer, make_kwargs: Callable[[], dict[str, Any]]) -> None:
     run_both(make_kwargs, dataset(), redis_server.url, epochs=2, global_seed=5)
+
+
+@pytest.mark.slow
+def test_parity_spawned_workers(redis_server: RedisServer) -> None:
+    """Worker copies carry no sampler or generator (a torch.Generator does not always pickle to a worker)."""
+    kwargs = {"batch_size": 4, "shuffle": True, "num_workers": 2, "multiprocessing_context": "spawn"}
+    run_both(lambda: {**kwargs, "generator": seeded()}, dataset(), redis_server.url, epochs=1)

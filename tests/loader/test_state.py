@@ -127,11 +127,14 @@ def test_same_consumer_takes_over_inflight_step() -> None:
     assert_same_epochs([reference(1)], [got])
 
 
-def test_new_iter_redelivers_uncommitted_step() -> None:
+def test_new_iter_moves_past_the_last_batch_handed_out() -> None:
     loader = make(shuffle=False)
-    first = next(iter(loader))
-    again = next(iter(loader))  # like torch: the uncommitted first batch comes again
-    assert_same(first, again)
+    it = iter(loader)
+    got = [next(it) for _ in range(S)]  # the whole epoch, without the final StopIteration
+    got += [next(iter(loader))]  # like torch: a new iter() starts the next epoch
+    assert loader.state_dict()["step"] == S
+    reference = list(tud.DataLoader(DATA, batch_size=B))
+    assert_same_epochs([reference + reference[:1]], [got])
 
 
 def test_different_num_workers_on_resume(redis_server: RedisServer) -> None:

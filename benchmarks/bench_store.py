@@ -1,0 +1,153 @@
+"""Benchmark of the BatchStore against raw redis-py moving the same bytes (run by hand).
+
+    .venv/bin/python benchmarks/bench_store.py [--rows 256] [--payload 25000] [--moved 16] [--iters 60]
+
+Starts its own redis-server (temp dir, free port, never 6379, AOF off unless --fsync is given), then per step:
+materialise (untimed), claim, prefetch --moved rows from the next step, postpone --moved rows two steps ahead,
+commit. In steady state every claim delivers exactly --rows rows (arrivals + fresh). The raw baseline moves the
+same payload bytes with plain pipelined list commands (LRANGE / RPUSH / LPOP) on lists that hold the payloads
+themselves, interleaved with the store calls in the same run. A second pass with 64-byte payloads measures the
+bookkeeping cost alone. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pr_loader.store import BatchStore, RunConfig  # noqa: E402
+
+
+def free_port() -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port != 6379:
+            return port
+
+
+def start_server(data_dir: str, fsync: str | None) -> tuple[subprocess.Popen[bytes], int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server not found")
+    port = free_port()
+    aof = ["--appendonly", "yes", "--appendfsync", fsync] if fsync else ["--appendonly", "no"]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir, "--save", "",
+                             *aof], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(500):
+        try:
+            client.ping()
+            return proc, port
+        except redis.ConnectionError:
+            time.sleep(0.01)
+    proc.kill()
+    sys.exit("redis-server did not start")
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def timed(samples: list[float], call: Callable[[], object]) -> object:
+    start = time.perf_counter()
+    result = call()
+    samples.append(time.perf_counter() - start)
+    return result
+
+
+def run(client: redis.Redis, rows: int, size: int, moved: int, iters: int, tag: str) -> dict[str, list[float]]:
+    cfg = RunConfig(f"bench-{tag}", batch_size=rows, steps_per_epoch=10**6, dataset_fingerprint="bench",
+                    retain_steps=4)
+    store = BatchStore.open(client, cfg)
+    store.delete_run()
+    store = BatchStore.open(client, cfg)
+    blob = os.urandom(size)
+    payloads = [blob[:-8] + i.to_bytes(8, "little") for i in range(rows)]
+    t: dict[str, list[float]] = {k: [] for k in ("claim", "commit", "claim+commit", "prefetch", "postpone",
+                                                 "raw claim", "raw prefetch", "raw postpone")}
+    raw_batch, raw_next, raw_target = f"raw:{tag}:batch", f"raw:{tag}:next", f"raw:{tag}:target"
+    for s in range(3):
+        store.materialise(s, [(s * rows + i, payloads[i]) for i in range(rows)])
+    warmup = 5
+    for s in range(iters + warmup):
+        store.materialise(s + 3, [((s + 3) * rows + i, payloads[i]) for i in range(rows)])
+        client.delete(raw_batch, raw_next, raw_target)
+        client.rpush(raw_batch, *payloads)
+        client.rpush(raw_next, *payloads[:moved])
+        claim: list[float] = []
+        commit: list[float] = []
+        claimed = timed(claim, lambda: store.claim("bench", 60))
+        assert claimed is not None and len(claimed.rows) == (rows if s >= 2 else rows - (moved if s else 0))
+        timed(t["prefetch"], lambda: store.prefetch(s, "bench", moved, s + 1))
+        timed(t["postpone"], lambda: store.postpone(
+            s, "bench", [(r.ref, r.payload) for r in claimed.rows[:moved]], s + 2))
+        timed(commit, lambda: store.commit(s, "bench"))
+        pipe = client.pipeline(transaction=False)
+        timed(t["raw claim"], lambda: pipe.lrange(raw_batch, 0, -1).execute())
+        timed(t["raw prefetch"], lambda: pipe.lpop(raw_next, moved).execute())
+        timed(t["raw postpone"], lambda: pipe.rpush(raw_target, *payloads[:moved]).execute())
+        if s >= warmup:
+            t["claim"] += claim
+            t["commit"] += commit
+            t["claim+commit"].append(claim[0] + commit[0])
+        else:
+            for key in ("prefetch", "postpone", "raw claim", "raw prefetch", "raw postpone"):
+                t[key].clear()
+    client.delete(raw_batch, raw_next, raw_target)
+    store.delete_run()
+    return t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--payload", type=int, default=25_000)
+    parser.add_argument("--moved", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--fsync", choices=["always", "everysec", "no"], default=None,
+                        help="turn AOF on with this appendfsync policy (default: AOF off)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="prl-bench-") as tmp:
+        proc, port = start_server(tmp, args.fsync)
+        try:
+            client = redis.Redis(port=port)
+            big = run(client, args.rows, args.payload, args.moved, args.iters, "big")
+            tiny = run(client, args.rows, 64, args.moved, args.iters, "tiny")
+        finally:
+            proc.terminate()
+            proc.wait()
+    print(f"\nredis-server on 127.0.0.1:{port}, AOF {args.fsync or 'off'}, {args.iters} steps, "
+          f"{args.rows} rows/step, moved {args.moved} rows\n")
+    print("| operation | payload | store p50 ms | store p99 ms | raw p50 ms | raw p99 ms | p50 ratio | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    for op, raw, target in (("claim+commit", "raw claim", "<= 1.5x raw"), ("prefetch", "raw prefetch",
+                            "<= 1.5x raw"), ("postpone", "raw postpone", "<= 1.5x raw")):
+        ratio = pct(big[op], 0.5) / pct(big[raw], 0.5)
+        print(f"| {op} ({args.rows if op == 'claim+commit' else args.moved} rows) | {args.payload} B "
+              f"| {pct(big[op], .5):.2f} | {pct(big[op], .99):.2f} | {pct(big[raw], .5):.2f} "
+              f"| {pct(big[raw], .99):.2f} | {ratio:.2f}x | {target} |")
+    for op, target in (("claim+commit", 2.0), ("claim", None), ("commit", None), ("prefetch", 2.0),
+                       ("postpone", 2.0)):
+        rows = args.rows if op in ("claim+commit", "claim", "commit") else args.moved
+        goal = f"< {target:g} ms" if target else "-"
+        print(f"| {op} ({rows} rows) | 64 B | {pct(tiny[op], .5):.2f} | {pct(tiny[op], .99):.2f} | - | - | - "
+              f"| {goal} |")
+
+
+if __name__ == "__main__":
+    main()
