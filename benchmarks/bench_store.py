@@ -2,17 +2,19 @@
 
     .venv/bin/python benchmarks/bench_store.py [--rows 256] [--payload 25000] [--moved 16] [--iters 60]
 
-Starts its own redis-server (temp dir, free port, never 6379, AOF off unless --fsync is given), then per step:
-materialise (untimed), claim, prefetch --moved rows from the next step, postpone --moved rows two steps ahead,
-commit. In steady state every claim delivers exactly --rows rows (arrivals + fresh). The raw baseline moves the
-same payload bytes with plain pipelined list commands (LRANGE / RPUSH / LPOP) on lists that hold the payloads
-themselves, interleaved with the store calls in the same run. A second pass with 64-byte payloads measures the
+Starts its own redis-server (temp dir, free port, never 6379, AOF off unless --fsync is given), then per
+step: materialise (untimed), claim, prefetch --moved rows from the next step, postpone --moved rows two steps
+ahead, commit. In steady state every claim delivers exactly --rows rows (arrivals + fresh). The raw baseline
+moves the same payload bytes with plain pipelined list commands on lists that hold the payloads themselves
+(claim: LRANGE + DEL of a batch list written as long before as the store's batch; prefetch: LPOP; postpone:
+RPUSH), interleaved with the store calls in the same run. A second pass with 64-byte payloads measures the
 bookkeeping cost alone. Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -20,14 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pr_loader.store import BatchStore, RunConfig  # noqa: E402
+from pr_loader.store import BatchStore, RunConfig
 
 
 def free_port() -> int:
@@ -45,8 +47,8 @@ def start_server(data_dir: str, fsync: str | None) -> tuple[subprocess.Popen[byt
         sys.exit("redis-server not found")
     port = free_port()
     aof = ["--appendonly", "yes", "--appendfsync", fsync] if fsync else ["--appendonly", "no"]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir, "--save", "",
-                             *aof], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir, "--save", "", *aof]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis(port=port)
     for _ in range(500):
         try:
@@ -63,14 +65,16 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def timed(samples: list[float], call: Callable[[], object]) -> object:
+@contextlib.contextmanager
+def timed(samples: list[float]) -> Iterator[None]:
     start = time.perf_counter()
-    result = call()
+    yield
     samples.append(time.perf_counter() - start)
-    return result
 
 
-def run(client: redis.Redis, rows: int, size: int, moved: int, iters: int, tag: str) -> dict[str, list[float]]:
+def run(
+    client: redis.Redis, rows: int, size: int, moved: int, iters: int, tag: str
+) -> dict[str, list[float]]:
     cfg = RunConfig(f"bench-{tag}", batch_size=rows, steps_per_epoch=10**6, dataset_fingerprint="bench",
                     retain_steps=4)
     store = BatchStore.open(client, cfg)
@@ -80,27 +84,41 @@ def run(client: redis.Redis, rows: int, size: int, moved: int, iters: int, tag: 
     payloads = [blob[:-8] + i.to_bytes(8, "little") for i in range(rows)]
     t: dict[str, list[float]] = {k: [] for k in ("claim", "commit", "claim+commit", "prefetch", "postpone",
                                                  "raw claim", "raw prefetch", "raw postpone")}
-    raw_batch, raw_next, raw_target = f"raw:{tag}:batch", f"raw:{tag}:next", f"raw:{tag}:target"
-    for s in range(3):
+    raw_target = f"raw:{tag}:target"
+
+    def raw_batch(s: int) -> str:
+        return f"raw:{tag}:batch:{s}"
+
+    def materialise(s: int) -> None:  # the raw lists are written as long before they are read as batches
         store.materialise(s, [(s * rows + i, payloads[i]) for i in range(rows)])
+        client.rpush(raw_batch(s), *payloads)
+
+    for s in range(3):
+        materialise(s)
     warmup = 5
     for s in range(iters + warmup):
-        store.materialise(s + 3, [((s + 3) * rows + i, payloads[i]) for i in range(rows)])
-        client.delete(raw_batch, raw_next, raw_target)
-        client.rpush(raw_batch, *payloads)
-        client.rpush(raw_next, *payloads[:moved])
+        materialise(s + 3)
+        client.delete(raw_target)
         claim: list[float] = []
         commit: list[float] = []
-        claimed = timed(claim, lambda: store.claim("bench", 60))
-        assert claimed is not None and len(claimed.rows) == (rows if s >= 2 else rows - (moved if s else 0))
-        timed(t["prefetch"], lambda: store.prefetch(s, "bench", moved, s + 1))
-        timed(t["postpone"], lambda: store.postpone(
-            s, "bench", [(r.ref, r.payload) for r in claimed.rows[:moved]], s + 2))
-        timed(commit, lambda: store.commit(s, "bench"))
+        with timed(claim):
+            claimed = store.claim("bench", 60)
+        if claimed is None or len(claimed.rows) != (rows if s >= 2 else rows - (moved if s else 0)):
+            raise RuntimeError(f"unexpected claim at step {s}")
+        moves = [(r.ref, r.payload) for r in claimed.rows[:moved]]
+        with timed(t["prefetch"]):
+            store.prefetch(s, "bench", moved, s + 1)
+        with timed(t["postpone"]):
+            store.postpone(s, "bench", moves, s + 2)
+        with timed(commit):
+            store.commit(s, "bench")
         pipe = client.pipeline(transaction=False)
-        timed(t["raw claim"], lambda: pipe.lrange(raw_batch, 0, -1).execute())
-        timed(t["raw prefetch"], lambda: pipe.lpop(raw_next, moved).execute())
-        timed(t["raw postpone"], lambda: pipe.rpush(raw_target, *payloads[:moved]).execute())
+        with timed(t["raw prefetch"]):
+            pipe.lpop(raw_batch(s + 1), moved).execute()
+        with timed(t["raw postpone"]):
+            pipe.rpush(raw_target, *payloads[:moved]).execute()
+        with timed(t["raw claim"]):  # a claim reads the batch out and its commit frees a step's payloads
+            pipe.lrange(raw_batch(s), 0, -1).delete(raw_batch(s)).execute()
         if s >= warmup:
             t["claim"] += claim
             t["commit"] += commit
@@ -108,7 +126,7 @@ def run(client: redis.Redis, rows: int, size: int, moved: int, iters: int, tag: 
         else:
             for key in ("prefetch", "postpone", "raw claim", "raw prefetch", "raw postpone"):
                 t[key].clear()
-    client.delete(raw_batch, raw_next, raw_target)
+    client.delete(raw_target, *(raw_batch(i) for i in range(iters + warmup + 3)))
     store.delete_run()
     return t
 
@@ -133,12 +151,14 @@ def main() -> None:
             proc.wait()
     print(f"\nredis-server on 127.0.0.1:{port}, AOF {args.fsync or 'off'}, {args.iters} steps, "
           f"{args.rows} rows/step, moved {args.moved} rows\n")
-    print("| operation | payload | store p50 ms | store p99 ms | raw p50 ms | raw p99 ms | p50 ratio | target |")
+    print("| operation | payload | store p50 ms | store p99 ms | raw p50 ms | raw p99 ms | p50 ratio "
+          "| target |")
     print("|---|---|---|---|---|---|---|---|")
-    for op, raw, target in (("claim+commit", "raw claim", "<= 1.5x raw"), ("prefetch", "raw prefetch",
+    for op, raw, target in (("claim+commit", "raw claim", "<= 1.5x raw"), ("claim", "raw claim", "-"),
+                            ("prefetch", "raw prefetch",
                             "<= 1.5x raw"), ("postpone", "raw postpone", "<= 1.5x raw")):
         ratio = pct(big[op], 0.5) / pct(big[raw], 0.5)
-        print(f"| {op} ({args.rows if op == 'claim+commit' else args.moved} rows) | {args.payload} B "
+        print(f"| {op} ({args.rows if op.startswith('claim') else args.moved} rows) | {args.payload} B "
               f"| {pct(big[op], .5):.2f} | {pct(big[op], .99):.2f} | {pct(big[raw], .5):.2f} "
               f"| {pct(big[raw], .99):.2f} | {ratio:.2f}x | {target} |")
     for op, target in (("claim+commit", 2.0), ("claim", None), ("commit", None), ("prefetch", 2.0),

@@ -1,16 +1,69 @@
-"""pr_loader: a persistent, Redis-backed data loader for LLM RL with partial rollout."""
+"""pr_loader: a persistent, Redis-backed data loader for LLM RL with partial rollout.
+
+The public names are imported lazily (PEP 562), so ``import pr_loader`` and the ``pr-loader`` CLI do not pay
+for torch/tensordict until a name that needs them is used.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pr_loader.errors import PrLoaderError
-from pr_loader.protocol import DataProto, DataProtoConfig, DataProtoItem
+
+if TYPE_CHECKING:
+    from pr_loader.dataloader import DataLoader
+    from pr_loader.dataset import RedisBatchDataset
+    from pr_loader.linked import LinkedDataProto
+    from pr_loader.policy import FixedBatch, Policy, PostponeToEpochEnd, PostponeToNext, get_policy
+    from pr_loader.protocol import DataProto, DataProtoConfig, DataProtoItem
+    from pr_loader.store import BatchStore, RunConfig
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "DataProto": "pr_loader.protocol",
+    "DataProtoConfig": "pr_loader.protocol",
+    "DataProtoItem": "pr_loader.protocol",
+    "LinkedDataProto": "pr_loader.linked",
+    "Policy": "pr_loader.policy",
+    "FixedBatch": "pr_loader.policy",
+    "PostponeToNext": "pr_loader.policy",
+    "PostponeToEpochEnd": "pr_loader.policy",
+    "get_policy": "pr_loader.policy",
+    "RedisBatchDataset": "pr_loader.dataset",
+    "DataLoader": "pr_loader.dataloader",
+    "BatchStore": "pr_loader.store",
+    "RunConfig": "pr_loader.store",
+}
+
 __all__ = [
+    "BatchStore",
+    "DataLoader",
     "DataProto",
     "DataProtoConfig",
     "DataProtoItem",
+    "FixedBatch",
+    "LinkedDataProto",
+    "Policy",
+    "PostponeToEpochEnd",
+    "PostponeToNext",
     "PrLoaderError",
+    "RedisBatchDataset",
+    "RunConfig",
     "__version__",
+    "get_policy",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pr_loader' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -41,7 +42,8 @@ _INGEST_DOC = (
     "epoch; prints the run id. A consumer reads it with pr_loader.DataLoader(records, batch_size=..., "
     "run_id=...) and the same batching (shuffle with torch.Generator().manual_seed(SEED))."
 )
-_BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_BENCH_DIR = _PACKAGE_ROOT / "benchmarks"
 
 
 class UsageError(Exception):
@@ -55,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
-def _positive_int(text: str) -> int:
+def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -99,8 +101,6 @@ def _connect(args: argparse.Namespace) -> tuple[str, Client]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pr_loader.demo import DemoOptions, run_demo
 
-    if args.resume and args.crash_at is not None and args.run_id is None:
-        raise ConfigError("--resume with --crash-at needs --run-id")
     url, client = _connect(args)
     options = DemoOptions(
         settings={name: getattr(args, name) for name in DEMO_DEFAULTS["sim"]},
@@ -234,10 +234,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [name for name in args.names if name not in found]
     if unknown:
         raise ConfigError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(found)}")
+    env = dict(os.environ)  # the scripts import pr_loader even when it is not installed
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
     for name in args.names or list(found):
         command = [sys.executable, str(found[name]), *(["--quick"] if args.quick else [])]
         print(f"== {name}: {' '.join(command)}", flush=True)
-        code = subprocess.run(command, cwd=directory.parent, check=False).returncode
+        code = subprocess.run(command, cwd=directory.parent, env=env, check=False).returncode
         if code:
             print(f"{PROG}: error: benchmark {name} failed with exit code {code}", file=sys.stderr)
             return 1
@@ -282,15 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--device", help="TorchEngine device (default: cuda if available, else cpu)")
     for flag, kind, what in (
-        ("--steps", _positive_int, "steps of the epoch"),
-        ("--batch-size", _positive_int, "rows per step"),
-        ("--oversample", _positive_int, "rows prefetched from later steps (partial run)"),
-        ("--max-postpones", _positive_int, "staleness bound: times a row may be postponed"),
+        ("--steps", _count, "steps of the epoch"),
+        ("--batch-size", _count, "rows per step"),
+        ("--oversample", _count, "rows prefetched from later steps (partial run)"),
+        ("--max-postpones", _count, "staleness bound: times a row may be postponed"),
         ("--seed", int, "seed of prompts, shuffling and response lengths"),
         ("--median", float, "median response length (tokens)"),
         ("--p99", float, "99th-percentile response length (tokens)"),
-        ("--max-tokens", _positive_int, "response length cap (tokens)"),
-        ("--prompt-len", _positive_int, "prompt length (tokens)"),
+        ("--max-tokens", _count, "response length cap (tokens)"),
+        ("--prompt-len", _count, "prompt length (tokens)"),
     ):
         name = flag[2:].replace("-", "_")
         sim, torch = DEMO_DEFAULTS["sim"][name], DEMO_DEFAULTS["torch"][name]
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--crash-at",
-        type=_positive_int,
+        type=_count,
         metavar="STEP",
         help="SIGKILL this process in the middle of the step after STEP committed steps",
     )
@@ -323,9 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("run_id")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
-    inspect.add_argument(
-        "--limit", type=_positive_int, default=20, help="entries shown per list (text output)"
-    )
+    inspect.add_argument("--limit", type=_count, default=20, help="entries shown per list (text output)")
     _redis_options(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
@@ -335,14 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("file")
     ingest.add_argument("--format", choices=["jsonl", "parquet"], help="default: from the file suffix")
     ingest.add_argument("--run-id", help="default: a random id")
-    ingest.add_argument("--batch-size", type=_positive_int, default=8, help="rows per step (default 8)")
+    ingest.add_argument("--batch-size", type=_count, default=8, help="rows per step (default 8)")
     ingest.add_argument("--shuffle", action="store_true", help="shuffle with --seed")
     ingest.add_argument("--seed", type=int, default=0)
     ingest.add_argument("--drop-last", action="store_true", help="drop the last incomplete batch")
     ingest.add_argument(
         "--policy", default="FixedBatch", help="partial-rollout policy name (default FixedBatch)"
     )
-    ingest.add_argument("--max-postpones", type=_positive_int)
+    ingest.add_argument("--max-postpones", type=_count)
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
     _redis_options(ingest)
     ingest.set_defaults(func=cmd_ingest)

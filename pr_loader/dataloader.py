@@ -35,8 +35,15 @@ import torch
 import torch.utils.data as tud
 from torch.utils.data._utils.pin_memory import pin_memory
 
-from pr_loader.dataset import RedisBatchDataset, rank_and_world, shard_sampler
-from pr_loader.errors import ConfigError, LeaseLost, RunNotFound, StateDictError, StepStateError
+from pr_loader.dataset import EmptyStep, RedisBatchDataset, rank_and_world, shard_sampler
+from pr_loader.errors import (
+    CommittedStepsLost,
+    ConfigError,
+    LeaseLost,
+    RunNotFound,
+    StateDictError,
+    StepStateError,
+)
 from pr_loader.policy import FixedBatch, Policy, get_policy
 from pr_loader.server import FAKE_URL
 from pr_loader.state import LoaderState
@@ -63,11 +70,11 @@ def _stop_workers(iterator: object) -> None:
 class _Heartbeat:
     """Renews the leases of this consumer's in-flight steps until stopped."""
 
-    def __init__(self, source: RedisBatchDataset) -> None:
+    def __init__(self, source: RedisBatchDataset, threaded: bool) -> None:
         self.source = source
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="pr_loader-heartbeat", daemon=True)
-        self.thread.start()
+        if threaded:  # an in-process store has no other process that could take a lease over
+            threading.Thread(target=self._run, name="pr_loader-heartbeat", daemon=True).start()
 
     def _run(self) -> None:
         interval = self.source.lease_seconds / 3
@@ -89,14 +96,23 @@ _END = object()
 
 
 class _Background:
-    """One background task at a time: work on step k + 1 while the caller works on step k."""
+    """One background task at a time: work on step k + 1 while the caller works on step k. Runs tasks
+    inline when not ``threaded`` (the in-process fakeredis store is not safe for concurrent scripts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threaded: bool) -> None:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr_loader-ahead")
+        self.threaded = threaded
         self.future: Future[Any] | None = None
 
     def start(self, fn: Callable[..., Any], *args: Any) -> None:
-        self.future = self.pool.submit(fn, *args)
+        if self.threaded:
+            self.future = self.pool.submit(fn, *args)
+            return
+        self.future = Future()
+        try:
+            self.future.set_result(fn(*args))
+        except BaseException as exc:  # handed to wait(), like the pool does
+            self.future.set_exception(exc)
 
     def wait(self) -> Any:
         future, self.future = self.future, None
@@ -120,7 +136,9 @@ class _LoaderIter:
         self.yielded: set[int] = set()
         self.done = False
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
-        self.background = _Background()
+        threaded = not source.in_process()
+        self.background = _Background(threaded)
+        self.claimer = _Background(threaded)
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
             self.steps = self._ordered(self._from_workers())
@@ -128,7 +146,7 @@ class _LoaderIter:
             self.steps = self._claimed_ahead()
         else:  # a step's rows are known only when it is claimed: materialise ahead, claim on request
             self.steps = self._claim_on_request()
-        self.heartbeat = _Heartbeat(source)
+        self.heartbeat = _Heartbeat(source, threaded)
 
     def __iter__(self) -> _LoaderIter:
         return self
@@ -137,17 +155,28 @@ class _LoaderIter:
         return self.source.steps_per_epoch
 
     # ------------------------------------------------------------------ sources of (step, item)
-    def _claimed(self) -> Iterator[tuple[int, Any]]:
-        for claimed in self.source.claim_steps(self.epoch):
-            yield claimed.step, self.loader._pin(self.source.build(claimed))
+    def _build(self, claimed: ClaimedStep) -> Any:
+        item = self.source.build(claimed)
+        if isinstance(item, EmptyStep):
+            self.source.commit(claimed.step)
+            return item
+        return self.loader._pin(item)
 
     def _claimed_ahead(self) -> Iterator[tuple[int, Any]]:
-        """FixedBatch: step k + 1 is materialised, claimed, decoded and collated in the background."""
-        items, background = self._claimed(), self.background
-        background.start(next, items, _END)
-        while (item := background.wait()) is not _END:
-            background.start(next, items, _END)
-            yield item
+        """FixedBatch, a two-stage pipeline: while the caller works on step k, step k + 1 is decoded and
+        collated and step k + 2 is materialised and claimed, each in its own background thread."""
+        claims, claimer, builder = self.source.claim_steps(self.epoch), self.claimer, self.background
+        claimer.start(next, claims, _END)
+        previous: ClaimedStep | None = None
+        while (claimed := claimer.wait()) is not _END:
+            claimer.start(next, claims, _END)
+            item = builder.wait()
+            builder.start(self._build, claimed)
+            if previous is not None and not isinstance(item, EmptyStep):
+                yield previous.step, item
+            previous = claimed
+        if previous is not None and not isinstance(item := builder.wait(), EmptyStep):
+            yield previous.step, item
 
     def _claim_on_request(self) -> Iterator[tuple[int, Any]]:
         """Partial policies: claim when asked (rows may be postponed into the step until then); the next
@@ -165,6 +194,9 @@ class _LoaderIter:
         for step, item in self.worker_iter:
             if isinstance(item, ClaimedStep):
                 item = source.build(item)
+            if isinstance(item, EmptyStep):
+                source.commit(step)
+                continue
             yield step, item
 
     def _ordered(self, items: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
@@ -200,9 +232,11 @@ class _LoaderIter:
             return
         try:
             self.source.commit(step)
-        except StepStateError:
-            if not self.source.linked:
-                raise  # a linked view may have been committed by its user already
+        except (StepStateError, LeaseLost) as exc:
+            self.loader._check_not_behind()  # Redis lost writes (the claim among them)?
+            if isinstance(exc, LeaseLost) or not self.source.linked:
+                raise  # (a linked view may have been committed by its user already)
+        self.loader._known_committed = max(self.loader._known_committed, step)
 
     def __next__(self) -> Any:
         if self.done:
@@ -213,6 +247,8 @@ class _LoaderIter:
         except StopIteration:
             self.close(finished=True)
             raise
+        if step <= self.loader._known_committed:  # a requeued step of another consumer, or a lost commit?
+            self.loader._check_not_behind()
         self.pending = step
         self.yielded.add(step)
         return item
@@ -220,6 +256,7 @@ class _LoaderIter:
     def __del__(self) -> None:  # an abandoned iterator: stop its threads without waiting for them
         if hasattr(self, "heartbeat"):
             self.heartbeat.stop()
+            self.claimer.pool.shutdown(wait=False)
             self.background.pool.shutdown(wait=False)
 
     def close(self, *, finished: bool = False) -> None:
@@ -229,6 +266,7 @@ class _LoaderIter:
             return
         self.done = True
         self.heartbeat.stop()
+        self.claimer.close()
         self.background.close()
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):
             _stop_workers(self.worker_iter)
@@ -335,6 +373,7 @@ class DataLoader(tud.DataLoader[Any]):
         self._active: _LoaderIter | None = None
         self._workers: tud.DataLoader[Any] | None = None
         self._started = False
+        self._known_committed = -1  # the highest step this loader committed, checkpointed or restored
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> _LoaderIter:  # type: ignore[override]
@@ -367,6 +406,18 @@ class DataLoader(tud.DataLoader[Any]):
             )  # fmt: skip
         return iter(self._workers)
 
+    def _check_not_behind(self) -> None:
+        """Raise :class:`CommittedStepsLost` if Redis has fewer committed steps than this loader knows of."""
+        _, committed, _ = self.source.position()
+        known = self._known_committed
+        if committed < known:
+            raise CommittedStepsLost(
+                f"run {self.source.run_id!r} rank {self.source.rank}: Redis has committed steps only up to "
+                f"{committed}, but step {known} was committed or checkpointed: steps {committed + 1}..{known}"
+                " were lost (written but not fsynced before a server crash: appendfsync everysec/no?). Their "
+                f"batches would be delivered again; restore a checkpoint at or before step {committed}."
+            )
+
     def set_epoch(self, epoch: int) -> None:
         """Forward ``epoch`` to a user sampler that needs it (``DistributedSampler``); the built-in rank
         sharding follows the run's own epoch counter."""
@@ -397,6 +448,7 @@ class DataLoader(tud.DataLoader[Any]):
             self._active.commit_pending()
         source = self.source
         _, committed, _ = source.position()
+        self._known_committed = max(self._known_committed, committed)
         return LoaderState(
             run_id=source.run_id,
             rank=source.rank,
@@ -437,5 +489,7 @@ class DataLoader(tud.DataLoader[Any]):
             store = source.shard().store
         except RunNotFound as exc:
             raise StateDictError(f"the state_dict's run {state.run_id!r} is not in this store") from exc
+        self._known_committed = state.step
+        self._check_not_behind()
         store.rollback(state.step)
         logger.info("run %s rank %d rolled back to step %d", source.run_id, source.rank, state.step)

@@ -14,9 +14,11 @@ binding); use ``pr_loader.DataLoader(linked=True)`` for bound views with workers
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import random
 import time
 import uuid
 import zlib
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import redis
 import torch
 import torch.utils.data as tud
@@ -76,16 +79,48 @@ def _positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
-def fingerprint(dataset: object, index_sampler: object, length: int) -> str:
-    """What identifies a dataset and its batching for run meta (type names, length, crc of both)."""
+def _structure(value: object) -> str:
+    """Types, keys and tensor dtypes of a sample (not its values: random transforms stay stable)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key!r}:{_structure(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return type(value).__name__ + "(" + ",".join(_structure(item) for item in value[:8]) + ")"
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return f"{type(value).__name__}[{value.dtype},{value.ndim}]"
+    return type(value).__qualname__
+
+
+def fingerprint(dataset: Any, index_sampler: object, length: int) -> str:
+    """What identifies a dataset and its sampling for run meta: type, length, sampler types and the
+    structure of three items (read with every RNG state preserved, so torch parity is kept). The batch size
+    is not part of it (the run meta has its own field)."""
     kind = type(dataset)
     sampler = getattr(index_sampler, "sampler", None)
+    probe = sorted({0, length // 2, length - 1}) if length else []
+    with _rng_preserved():
+        shapes = "|".join(_structure(_read_one(dataset, i)) for i in probe)
     text = (
         f"{kind.__module__}.{kind.__qualname__}|{length}|{type(index_sampler).__qualname__}"
-        f"|{type(sampler).__qualname__}|{getattr(index_sampler, 'batch_size', None)}"
-        f"|{getattr(index_sampler, 'drop_last', None)}"
+        f"|{type(sampler).__qualname__}|{getattr(index_sampler, 'drop_last', None)}|{shapes}"
     )
     return f"{kind.__qualname__}:{length}:{zlib.crc32(text.encode()):08x}"
+
+
+@contextlib.contextmanager
+def _rng_preserved() -> Iterator[None]:
+    """Restore torch's, numpy's and Python's global RNG after reading items (a dataset may draw)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+
+
+def _read_one(dataset: Any, index: int) -> Any:
+    try:
+        return dataset[index]
+    except Exception as exc:
+        raise DatasetError(f"reading dataset index {index} failed: {exc!r}") from exc
 
 
 def shard_sampler(
@@ -117,6 +152,10 @@ def shard_sampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=bool(shuffle), seed=seed, drop_last=drop_last
     )
     return built, None, built
+
+
+class EmptyStep:
+    """Marks a collated step whose every row was dead-lettered: nothing to yield, commit it."""
 
 
 @dataclass
@@ -276,6 +315,10 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             self._shard_state = shard
         return shard
 
+    def in_process(self) -> bool:
+        """Whether the store is the in-process fakeredis one (no worker processes, no concurrent scripts)."""
+        return type(self.shard().client).__module__.startswith("fakeredis")
+
     def position(self) -> tuple[int, int, list[int]]:
         """(next step at the cursor, committed_upto, requeued steps) of the shard, read cheaply."""
         shard = self.shard()
@@ -340,13 +383,15 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         plans.delete_epoch(epoch - keep)
 
     def _read_items(self, indices: list[int]) -> list[Any]:
+        """``dataset[i]`` for each index (``__getitems__`` when the dataset has it, like torch's fetcher);
+        a failure raises :class:`DatasetError` naming the failing index."""
         getitems = getattr(self.dataset, "__getitems__", None)
-        try:
-            if callable(getitems):
+        if callable(getitems):
+            try:
                 return list(getitems(indices))
-            return [self.dataset[i] for i in indices]
-        except Exception as exc:
-            raise DatasetError(f"reading dataset items {indices[:8]}... failed: {exc!r}") from exc
+            except Exception:
+                logger.warning("__getitems__(%s...) failed; reading items one by one", indices[:4])
+        return [_read_one(self.dataset, i) for i in indices]
 
     def materialise(self, step: int) -> bool:
         """Write the fresh batch of ``step`` from its plan (idempotent); True if this call wrote it."""
@@ -444,7 +489,16 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         )
 
     def decode(self, claimed: ClaimedStep) -> list[Any]:
-        return [codec.decode(row.payload, allow_pickle=self.allow_pickle) for row in claimed.rows]
+        """The samples of a claimed step; an undecodable row is dead-lettered (kept in Redis with the
+        reason) and left out, like :class:`LinkedDataProto` does."""
+        samples = []
+        for row in claimed.rows:
+            try:
+                samples.append(codec.decode(row.payload, allow_pickle=self.allow_pickle))
+            except CodecError as exc:
+                logger.warning("step %d: dead-lettering row %s: %s", claimed.step, row.ref.encode(), exc)
+                self.shard().store.dead_letter(claimed.step, row.ref, f"undecodable payload: {exc}")
+        return samples
 
     def collate(self, samples: list[Any]) -> Any:
         """The user's collate function over the samples of one step (one sample without auto-collation)."""
@@ -455,12 +509,14 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         return self.collate_fn(samples[0])
 
     def build(self, claimed: ClaimedStep) -> Any:
-        """What a claimed step yields: a bound view (``linked``) or the collated batch."""
+        """What a claimed step yields: a bound view (``linked``), the collated batch, or :class:`EmptyStep`
+        when every row of a collated step was dead-lettered (the caller commits and skips it)."""
         if self.linked:
             from pr_loader.linked import LinkedDataProto
 
             return LinkedDataProto.from_claim(claimed, self.session(claimed.step))
-        return self.collate(self.decode(claimed))
+        samples = self.decode(claimed)
+        return self.collate(samples) if samples else EmptyStep()
 
     def epoch_for_iteration(self) -> int:
         """The epoch the next ``iter()`` covers."""
@@ -482,7 +538,9 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             if not self.auto_commit:
                 yield claimed.step, (claimed if self.linked else self.build(claimed))
                 continue
-            yield self.build(claimed)
+            item = self.build(claimed)
+            if not isinstance(item, EmptyStep):
+                yield item
             self.commit(claimed.step)
         self._pinned_epoch = None
 

@@ -259,7 +259,6 @@ def run_phase(phase: Phase, url: str, device: str | None, progress: bool) -> Non
     sched = Scheduler(
         engine, oversample=phase.oversample, weights_version=state.steps_done, max_tokens=max_tokens
     )
-    base = state.clock
     bar = tqdm(
         total=settings.steps,
         initial=state.steps_done,
@@ -273,6 +272,7 @@ def run_phase(phase: Phase, url: str, device: str | None, progress: bool) -> Non
         if state.loader is not None:
             loader.load_state_dict(state.loader)
         views = iter(loader)
+        base = state.clock - engine.clock  # timelines continue where the last recorded step ended
         while state.steps_done < settings.steps:
             t0 = time.perf_counter()
             view = next(views, None)

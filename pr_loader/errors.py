@@ -110,3 +110,8 @@ class NoStepReady(StoreError):
 
 class UnsupportedSchema(StoreError):
     """The run was stored by an incompatible version of pr_loader."""
+
+
+class CommittedStepsLost(StoreError):
+    """Redis holds fewer committed steps than this consumer committed or checkpointed (writes lost in a
+    server crash without fsync); resuming silently would deliver those batches again."""

@@ -138,7 +138,7 @@ def _shard_report(client: Client, store: BatchStore, now: float) -> dict[str, An
             for d in store.dead_letters()
         ],
         "payloads": stats.payloads,
-        "memory_bytes": stats.memory_bytes,
+        "server_memory_bytes": stats.server_memory_bytes,
     }
 
 
@@ -168,8 +168,12 @@ def format_report(report: dict[str, Any], *, limit: int = 20) -> list[str]:
             f"epochs {ep['planned'] or 'none'}",
             f"  next step {bt['next_step']}, committed up to {bt['committed_upto']}, journal kept from "
             f"{bt['gc_floor']}, requeued {bt['requeued'] or 'none'}",
-            f"  payloads {shard['payloads']}"
-            + ("" if shard["memory_bytes"] is None else f" ({shard['memory_bytes']:,} bytes)"),
+            f"  payloads held {shard['payloads']}"
+            + (
+                ""
+                if shard["server_memory_bytes"] is None
+                else f"; server memory {shard['server_memory_bytes']:,} bytes"
+            ),
         ]
         upcoming, more = cut(bt["upcoming"])
         lines.append(f"  upcoming batches: {len(bt['upcoming'])}")

@@ -289,8 +289,9 @@ def test_bad_arguments_and_unknown_runs(cli: Cli, url: str, home: Path) -> None:
 
 
 def test_bench_runs_scripts_by_name_with_quick_passed_through(cli: Cli, tmp_path: Path) -> None:
-    (tmp_path / "bench_echo.py").write_text(
-        "import pathlib, sys\npathlib.Path(__file__).with_suffix('.args').write_text(repr(sys.argv[1:]))\n"
+    (tmp_path / "bench_echo.py").write_text(  # benchmarks import pr_loader, installed or not
+        "import pathlib, sys\nimport pr_loader.errors\n"
+        "pathlib.Path(__file__).with_suffix('.args').write_text(repr(sys.argv[1:]))\n"
     )
     (tmp_path / "bench_fail.py").write_text("raise SystemExit(3)\n")
     listed = cli("bench", "--list")

@@ -55,6 +55,8 @@ _IDENTITY = (
 )
 _INT_FIELDS = frozenset({"batch_size", "steps_per_epoch", "seed", "world_size", "rank", "num_epochs"})
 _T = TypeVar("_T")
+_CHUNK = 1000
+_STAGE_TTL = 3600  # seconds an uploaded payload waits for its script (dropped by it in any case)
 
 
 def _address(client: Any) -> str:
@@ -149,7 +151,7 @@ class BatchStore:
     # -- plumbing ---------------------------------------------------------------------------------
 
     def _retrying(self, call: Callable[[], _T]) -> _T:
-        """Run call, retrying connection errors with backoff for up to retry_seconds."""
+        """Run call, retrying connection errors with backoff for up to retry_seconds; map Redis errors."""
         deadline = time.monotonic() + self._retry_seconds
         delay = 0.05
         while True:
@@ -157,6 +159,12 @@ class BatchStore:
                 return call()
             except redis.AuthenticationError as exc:
                 raise StoreAuthError(f"Redis at {self._address} refused the credentials") from exc
+            except redis.exceptions.NoPermissionError as exc:
+                raise StoreAuthError(f"Redis at {self._address} denied a command of run "
+                                     f"{self._config.run_id!r}: {exc}") from exc
+            except redis.ResponseError as exc:  # e.g. OOM, or a server that lacks a command
+                raise StoreError(f"Redis at {self._address} refused a command of run "
+                                 f"{self._config.run_id!r}: {exc}") from exc
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(
@@ -179,7 +187,8 @@ class BatchStore:
 
     @staticmethod
     def _fail(reply: list[Any], step: int | None = None) -> NoReturn:
-        status, detail = reply[0], reply[1]
+        status = reply[0]
+        detail: Any = reply[1] if len(reply) > 1 else b""
         if status == b"state" or status == b"target":
             raise StepStateError(_text(detail))
         if status == b"lease_lost":
@@ -189,13 +198,41 @@ class BatchStore:
             raise RowsNotInStep(f"rows not in step {step}: {refs}")
         raise StoreError(f"unexpected store reply {status!r}")
 
-    def _rows(self, refs: list[bytes], payloads: list[bytes | None]) -> list[StoredRow]:
+    def _rows(self, raw_refs: list[bytes]) -> list[StoredRow]:
+        """Rows of refs a script returned; payloads are immutable, so reading them afterwards is safe."""
+        refs = [_text(r) for r in raw_refs]
+        names = [self._keys.payload(r) for r in refs]
+
+        def read() -> list[bytes | None]:
+            out: list[bytes | None] = []
+            for i in range(0, len(names), _CHUNK):
+                out += self._client.mget(names[i:i + _CHUNK])
+            return out
+
+        payloads = self._retrying(read) if names else []
         rows = []
         for ref, payload in zip(refs, payloads):
             if payload is None:
-                raise StoreError(f"payload of row {_text(ref)!r} is missing from run {self._config.run_id!r}")
-            rows.append(StoredRow(RowRef.parse(_text(ref)), payload))
+                raise StoreError(f"payload of row {ref!r} of run {self._config.run_id!r} is gone "
+                                 "(rolled back or collected meanwhile?)")
+            rows.append(StoredRow(RowRef.parse(ref), payload))
         return rows
+
+    def _staged_script(self, name: str, op_id: str, payloads: list[bytes], *args: str) -> list[Any]:
+        """Upload payloads to stage:<op_id>:<i>, then run a script that adopts (or drops) them."""
+
+        def stage() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for i, payload in enumerate(payloads):
+                pipe.set(self._keys.stage(op_id, i), payload, ex=_STAGE_TTL)
+            pipe.execute()
+
+        for _ in range(3):
+            self._retrying(stage)
+            reply = self._script(name, op_id, *args)
+            if reply[0] != b"restage":  # staged keys lost (e.g. a server restart without fsync): again
+                return reply
+        raise StoreError(f"staged payloads of {name.lower()} keep disappearing at {self._address}")
 
     @staticmethod
     def _now(now: float | None) -> float:
@@ -231,7 +268,8 @@ class BatchStore:
         if total is not None and step >= total:
             raise ConfigError(f"step {step} is a drain step (run has {total} steps); it has no fresh batch")
         epoch = step // self._config.steps_per_epoch
-        args: list[str | bytes] = [str(step)]
+        refs: list[str] = []
+        payloads: list[bytes] = []
         seen: set[int] = set()
         for index, payload in rows:
             if not isinstance(index, int) or isinstance(index, bool) or index < 0 or index in seen:
@@ -239,8 +277,9 @@ class BatchStore:
             if not isinstance(payload, (bytes, bytearray, memoryview)):
                 raise ConfigError(f"step {step}: payload of index {index} must be bytes")
             seen.add(index)
-            args += [f"{epoch}:{index}:0:-", bytes(payload)]
-        reply = self._script("MATERIALISE", *args)
+            refs.append(f"{epoch}:{index}:0:-")
+            payloads.append(bytes(payload))
+        reply = self._staged_script("MATERIALISE", uuid.uuid4().hex, payloads, str(step), *refs)
         return bool(reply[1])
 
     def claim(
@@ -259,7 +298,7 @@ class BatchStore:
         status = reply[0]
         if status == b"ok":
             self._log_expired(reply[3])
-            return ClaimedStep(int(reply[1]), self._rows(reply[4], reply[5]), float(reply[2]))
+            return ClaimedStep(int(reply[1]), self._rows(reply[4]), float(reply[2]))
         if status == b"needs":
             self._log_expired(reply[2])
             raise NeedsMaterialisation(int(reply[1]))
@@ -303,8 +342,9 @@ class BatchStore:
         self._check_step(target_step, "target_step")
         if target_step <= step:
             raise StepStateError(f"postpone target {target_step} must be after step {step}")
-        args: list[str | bytes] = [str(target_step)]
+        args: list[str] = [str(step), consumer_id, repr(self._now(now)), str(target_step)]
         new_refs: list[RowRef] = []
+        payloads: list[bytes] = []
         seen: set[str] = set()
         for ref, payload in rows:
             old = ref.encode()
@@ -313,10 +353,11 @@ class BatchStore:
             seen.add(old)
             new = ref.postponed(step)
             new_refs.append(new)
-            args += [old, new.encode(), bytes(payload)]
+            payloads.append(bytes(payload))
+            args += [old, new.encode()]
         if not new_refs:
             return []
-        reply = self._script("POSTPONE", self._op(op_id), str(step), consumer_id, repr(self._now(now)), *args)
+        reply = self._staged_script("POSTPONE", self._op(op_id), payloads, *args)
         self._raise_for(reply, step)
         return new_refs
 
@@ -340,7 +381,7 @@ class BatchStore:
                              str(count), str(last_source_step))
         self._raise_for(reply, step)
         needs = int(reply[1])
-        return PrefetchResult(self._rows(reply[2], reply[3]), None if needs < 0 else needs)
+        return PrefetchResult(self._rows(reply[2]), None if needs < 0 else needs)
 
     def expire_leases(self, *, now: float | None = None) -> list[int]:
         """Return the rows of steps whose lease ran out before ``now``; returns those steps."""
@@ -364,7 +405,7 @@ class BatchStore:
     def dead_letter(self, step: int, ref: RowRef, reason: str, *, op_id: str | None = None) -> None:
         """Take ``ref`` out of in-flight ``step`` into the dead-letter list (kept with its payload)."""
         encoded = ref.encode()
-        payload = self._retrying(lambda: self._client.hget(self._keys.payloads, encoded))
+        payload = self._retrying(lambda: self._client.get(self._keys.payload(encoded)))
         record = msgpack.packb(
             {"ref": encoded, "step": step, "reason": reason, "payload": payload or b"", "at": time.time()}
         )
@@ -385,8 +426,7 @@ class BatchStore:
 
     def read_rows(self, step: int) -> list[StoredRow]:
         """Current rows of a step (rows of a claimed step, else arrivals then fresh rows); read-only."""
-        reply = self._script("READ_ROWS", str(step))
-        return self._rows(reply[1], reply[2])
+        return self._rows(self._script("READ_ROWS", str(step))[1])
 
     def stats(self) -> StoreStats:
         """Counts of upcoming rows, postponed rows and their staleness, leases and dead letters."""
@@ -406,12 +446,11 @@ class BatchStore:
             pipe.zrange(keys.leases, 0, -1, withscores=True)
             pipe.hgetall(keys.owners)
             pipe.llen(keys.dead)
-            pipe.hlen(keys.payloads)
             return list(pipe.execute())
 
         res = self._retrying(read)
         stats = StoreStats(next_step, int(meta[b"committed_upto"]), int(meta[b"gc_floor"]),
-                           requeued=requeued)
+                           requeued=requeued, payloads=int(meta[b"payloads"]))
         for i, s in enumerate(candidates):
             arrivals, fresh = res[2 * i], int(res[2 * i + 1])
             if arrivals or fresh:
@@ -421,12 +460,12 @@ class BatchStore:
                 if ref.version > 0:
                     first = s if ref.first_step is None else ref.first_step
                     stats.postponed.append(PostponedRow(ref, s, s - first))
-        leases, owners, stats.dead_letters, stats.payloads = res[2 * len(candidates):]
+        leases, owners, stats.dead_letters = res[2 * len(candidates):]
         stats.in_flight = [StepLease(int(s), _text(owners.get(s, b"")), float(exp)) for s, exp in leases]
         try:
-            stats.memory_bytes = self._client.memory_usage(keys.payloads)
-        except redis.ResponseError:
-            stats.memory_bytes = None
+            stats.server_memory_bytes = int(self._client.info("memory")["used_memory"])
+        except (redis.ResponseError, KeyError, TypeError):
+            stats.server_memory_bytes = None  # e.g. a cluster client (one value per node) or no INFO
         return stats
 
     def delete_run(self) -> int:

@@ -48,10 +48,6 @@ class ShardKeys:
         return self.prefix + "requeue"
 
     @property
-    def payloads(self) -> str:
-        return self.prefix + "payloads"
-
-    @property
     def dead(self) -> str:
         return self.prefix + "dead"
 
@@ -70,6 +66,14 @@ class ShardKeys:
 
     def journal(self, step: int) -> str:
         return f"{self.prefix}journal:{step}"
+
+    def payload(self, ref: str) -> str:
+        """The string key holding the (immutable) payload of one ref."""
+        return f"{self.prefix}payload:{ref}"
+
+    def stage(self, op_id: str, i: int) -> str:
+        """Where a call uploads payload i before its script adopts it (RENAME) as a payload key."""
+        return f"{self.prefix}stage:{op_id}:{i}"
 
     def op(self, op_id: str) -> str:
         return f"{self.prefix}op:{op_id}"

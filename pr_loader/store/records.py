@@ -141,5 +141,5 @@ class StoreStats:
     in_flight: list[StepLease] = field(default_factory=list)
     requeued: list[int] = field(default_factory=list)
     dead_letters: int = 0
-    payloads: int = 0
-    memory_bytes: int | None = None
+    payloads: int = 0  # payload keys held (retained, in-flight and upcoming rows)
+    server_memory_bytes: int | None = None  # INFO memory used_memory of the whole server

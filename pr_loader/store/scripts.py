@@ -10,8 +10,13 @@ Conventions shared by all scripts:
   already applied and the stored result is returned. Otherwise the script applies the change and stores its
   result under ``op:<op_id>`` (TTL one day) in the same atomic step, so a retried call never applies twice.
 * Scripts return a table whose first element is a status string: ``ok`` or an error code the Python side maps
-  to an exception (``state``, ``lease_lost``, ``missing``, ``target``, ``needs``, ``range``, ``wait``,
-  ``done``). Steps are returned as integers, timestamps as strings (Lua numbers would be truncated).
+  to an exception or action (``state``, ``lease_lost``, ``missing``, ``target``, ``needs``, ``range``,
+  ``wait``, ``done``, ``restage``). Steps are returned as integers, timestamps as strings (Lua numbers
+  would be truncated).
+* Payloads live in string keys ``payload:<ref>`` (immutable once written). They never pass through Lua: a
+  call uploads new payloads to ``stage:<op_id>:<i>`` keys first and its script adopts them by RENAME (or drops
+  them), and readers MGET payload keys after the script returned the refs. Moving megabytes through Lua
+  strings costs several times a plain MGET/SET; immutability makes the read after the script safe.
 * Journal entries of step s (list ``journal:<s>``) are space-separated words ``<seq> <kind> ...`` where
   ``seq`` is a shard-wide counter (``meta.seq``): ``C <n_arrivals> <refs...>`` (claim: original arrivals then
   fresh refs), ``F <source> <refs...>`` (prefetch), ``P <target> <old> <new> ...`` (postpone pairs),
@@ -25,7 +30,7 @@ _LIB = r"""
 local P = ARGV[1]
 local unpack = unpack or table.unpack
 local K_META, K_STEPS, K_OWNERS = P .. 'meta', P .. 'steps', P .. 'owners'
-local K_LEASES, K_REQUEUE, K_PAYLOADS = P .. 'leases', P .. 'requeue', P .. 'payloads'
+local K_LEASES, K_REQUEUE = P .. 'leases', P .. 'requeue'
 local K_MAT = P .. 'materialised'
 local CHUNK = 1000
 
@@ -41,19 +46,39 @@ local function push_front(key, list)  -- LPUSH keeping the list's order at the h
   push_all('LPUSH', key, rev)
 end
 
-local function hdel_all(fields)
-  for i = 1, #fields, CHUNK do
-    redis.call('HDEL', K_PAYLOADS, unpack(fields, i, math.min(i + CHUNK - 1, #fields)))
+local function drop_payloads(refs)  -- delete payload keys, keeping meta.payloads (their count) exact
+  local gone = 0
+  for i = 1, #refs, CHUNK do
+    local names = {}
+    for n = i, math.min(i + CHUNK - 1, #refs) do names[#names + 1] = P .. 'payload:' .. refs[n] end
+    gone = gone + redis.call('DEL', unpack(names))
+  end
+  if gone > 0 then redis.call('HINCRBY', K_META, 'payloads', -gone) end
+end
+
+local function drop_staged(op_id, n)
+  for i = 1, n, CHUNK do
+    local names = {}
+    for k = i, math.min(i + CHUNK - 1, n) do names[#names + 1] = P .. 'stage:' .. op_id .. ':' .. (k - 1) end
+    redis.call('DEL', unpack(names))
   end
 end
 
-local function payloads_of(refs)
-  local out = {}
-  for i = 1, #refs, CHUNK do
-    local part = redis.call('HMGET', K_PAYLOADS, unpack(refs, i, math.min(i + CHUNK - 1, #refs)))
-    for n = 1, #part do out[#out + 1] = part[n] end
+local function all_staged(op_id, n)
+  for k = 0, n - 1 do
+    if redis.call('EXISTS', P .. 'stage:' .. op_id .. ':' .. k) == 0 then return false end
   end
-  return out
+  return true
+end
+
+-- staged payload k of op_id becomes the payload of refs[k + 1] (RENAME: no copy; PERSIST: drop the stage TTL)
+local function adopt_staged(op_id, refs)
+  for k = 1, #refs do
+    local dest = P .. 'payload:' .. refs[k]
+    redis.call('RENAME', P .. 'stage:' .. op_id .. ':' .. (k - 1), dest)
+    redis.call('PERSIST', dest)
+  end
+  redis.call('HINCRBY', K_META, 'payloads', #refs)
 end
 
 local function split(str)
@@ -118,7 +143,7 @@ local function undo_entry(s, w, ctx)
     for i = #w - 1, 4, -2 do
       local old, new = w[i], w[i + 1]
       if redis.call('LREM', arrivals, 1, new) == 1 then
-        redis.call('HDEL', K_PAYLOADS, new)
+        drop_payloads({new})
       else
         ctx.ex[old] = true  -- the new version lives on elsewhere (or is dead): the old one must not return
       end
@@ -182,28 +207,29 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 if ARGV[2] ~= '1' then return {'missing'} end
 for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[1], 'next_step', 0, 'committed_upto', -1, 'gc_floor', 0, 'seq', 0)
+redis.call('HSET', KEYS[1], 'next_step', 0, 'committed_upto', -1, 'gc_floor', 0, 'seq', 0, 'payloads', 0)
 return {'created'}
 """
 
-# MATERIALISE: store the fresh batch of a step once (refs "<e>:<i>:0:-" and their payloads).
-# KEYS[1] meta; ARGV[1] prefix, ARGV[2] step, ARGV[3..] ref, payload pairs.
-# Returns {'ok', 1} when written, {'ok', 0} when the step was already materialised, claimed or collected.
+# MATERIALISE: store the fresh batch of a step once; payload i was staged at stage:<op_id>:<i>.
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4..] refs "<e>:<i>:0:-".
+# Returns {'ok', 1} when written, {'ok', 0} when the step was already materialised, claimed or collected
+# (the staged payloads are dropped), {'restage'} when a staged payload is missing (nothing changed).
 MATERIALISE = _LIB + r"""
-local s = tonumber(ARGV[2])
-if redis.call('HEXISTS', K_MAT, s) == 1 or claimed(s) then return {'ok', 0} end
-local refs, pairs_ = {}, {}
-for i = 3, #ARGV, 2 do
-  refs[#refs + 1] = ARGV[i]
-  pairs_[#pairs_ + 1] = ARGV[i]
-  pairs_[#pairs_ + 1] = ARGV[i + 1]
+local op_id, s = ARGV[2], tonumber(ARGV[3])
+if op_result(op_id) then return {'ok', 1} end  -- a retry of the call that wrote it
+local refs = {}
+for i = 4, #ARGV do refs[#refs + 1] = ARGV[i] end
+if redis.call('HEXISTS', K_MAT, s) == 1 or claimed(s) then
+  drop_staged(op_id, #refs)
+  return {'ok', 0}
 end
-for i = 1, #pairs_, 2 * CHUNK do
-  redis.call('HSET', K_PAYLOADS, unpack(pairs_, i, math.min(i + 2 * CHUNK - 1, #pairs_)))
-end
+if not all_staged(op_id, #refs) then return {'restage'} end
+adopt_staged(op_id, refs)
 redis.call('DEL', P .. 'batch:' .. s)
 push_all('RPUSH', P .. 'batch:' .. s, refs)
 redis.call('HSET', K_MAT, s, #refs)
+op_store(op_id, '1')
 return {'ok', 1}
 """
 
@@ -211,7 +237,9 @@ return {'ok', 1}
 # s >= E*S are claimed only while some arrivals:<u>, u >= s, exist; empty ones are marked 'skipped').
 # Moves arrivals:<s> then batch:<s> into rows:<s> and journals them.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] consumer, ARGV[4] now, ARGV[5] lease expiry.
-# Returns {'ok', step, expiry, expired_steps, refs, payloads} | {'needs', step, expired} |
+# Payloads are immutable, so the caller reads them (payload:<ref>) after the script: moving the bytes
+# through Lua costs several times a plain MGET.
+# Returns {'ok', step, expiry, expired_steps, refs} | {'needs', step, expired} |
 # {'wait', earliest_expiry, expired} | {'done', expired} | {'lease_lost', msg} (replay of a lost claim).
 CLAIM = _LIB + r"""
 local consumer = ARGV[3]
@@ -222,7 +250,7 @@ if done_op then
     return {'lease_lost', 'claim of step ' .. s .. ' by ' .. consumer .. ' is no longer held'}
   end
   local refs = redis.call('LRANGE', P .. 'rows:' .. s, 0, -1)
-  return {'ok', s, redis.call('ZSCORE', K_LEASES, s), {}, refs, payloads_of(refs)}
+  return {'ok', s, redis.call('ZSCORE', K_LEASES, s), {}, refs}
 end
 local expired = expire_due(ARGV[4])
 local s
@@ -263,7 +291,7 @@ redis.call('HSET', K_STEPS, s, 'inflight')
 redis.call('HSET', K_OWNERS, s, consumer)
 redis.call('ZADD', K_LEASES, ARGV[5], s)
 op_store(ARGV[2], s)
-return {'ok', s, ARGV[5], expired, refs, payloads_of(refs)}
+return {'ok', s, ARGV[5], expired, refs}
 """
 
 # RENEW: extend the lease of a step held by consumer.
@@ -303,15 +331,14 @@ local limit = upto - meta_num('retain_steps') - 1
 while floor <= limit do
   local st = redis.call('HGET', K_STEPS, floor)
   if st ~= 'committed' and st ~= 'skipped' then break end
-  hdel_all(redis.call('LRANGE', P .. 'rows:' .. floor, 0, -1))
+  local dead = redis.call('LRANGE', P .. 'rows:' .. floor, 0, -1)
   for _, e in ipairs(redis.call('LRANGE', P .. 'journal:' .. floor, 0, -1)) do
     local w = split(e)
     if w[2] == 'P' then
-      local old = {}
-      for i = 4, #w, 2 do old[#old + 1] = w[i] end
-      hdel_all(old)
+      for i = 4, #w, 2 do dead[#dead + 1] = w[i] end
     end
   end
+  drop_payloads(dead)
   redis.call('DEL', P .. 'rows:' .. floor, P .. 'journal:' .. floor)
   redis.call('HDEL', K_STEPS, floor)
   redis.call('HDEL', K_MAT, floor)
@@ -324,30 +351,38 @@ return {'ok'}
 
 # POSTPONE: move rows of a leased step into arrivals:<target> as new versions with new payloads.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now,
-# ARGV[6] target, ARGV[7..] old ref, new ref, new payload triples.
-# Returns {'ok'} | {'state', msg} | {'lease_lost', msg} | {'target', msg} | {'missing', refs}.
+# ARGV[6] target, ARGV[7..] old ref, new ref pairs; the new payload of pair i was staged at stage:<op_id>:<i>.
+# Staged payloads are adopted on success and dropped on refusal or replay.
+# Returns {'ok'} | {'state', msg} | {'lease_lost', msg} | {'target', msg} | {'missing', refs} |
+# {'restage'} (a staged payload is missing; nothing changed).
 POSTPONE = _LIB + r"""
-if op_result(ARGV[2]) then return {'ok'} end
-local s, t = tonumber(ARGV[3]), tonumber(ARGV[6])
+local op_id, s, t = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[6])
+local n = (#ARGV - 6) / 2
+local function refuse(reply)
+  drop_staged(op_id, n)
+  return reply
+end
+if op_result(op_id) then return refuse({'ok'}) end
 local err = check_lease(s, ARGV[4], ARGV[5])
-if err then return err end
+if err then return refuse(err) end
 if t <= s or claimed(t) or (t < meta_num('next_step') and not redis.call('ZSCORE', K_REQUEUE, t)) then
-  return {'target', 'target step ' .. t .. ' was already claimed or passed'}
+  return refuse({'target', 'target step ' .. t .. ' was already claimed or passed'})
 end
 local rk = P .. 'rows:' .. s
 local missing = {}
-for i = 7, #ARGV, 3 do
+for i = 7, #ARGV, 2 do
   if not redis.call('LPOS', rk, ARGV[i]) then missing[#missing + 1] = ARGV[i] end
 end
-if #missing > 0 then return {'missing', missing} end
+if #missing > 0 then return refuse({'missing', missing}) end
+if not all_staged(op_id, n) then return {'restage'} end
 local news, words = {}, {t}
-for i = 7, #ARGV, 3 do
+for i = 7, #ARGV, 2 do
   redis.call('LREM', rk, 1, ARGV[i])
-  redis.call('HSET', K_PAYLOADS, ARGV[i + 1], ARGV[i + 2])
   news[#news + 1] = ARGV[i + 1]
   words[#words + 1] = ARGV[i]
   words[#words + 1] = ARGV[i + 1]
 end
+adopt_staged(op_id, news)
 push_all('RPUSH', P .. 'arrivals:' .. t, news)
 journal(s, 'P', words)
 if t > (meta_num('max_target') or -1) then redis.call('HSET', K_META, 'max_target', t) end
@@ -359,14 +394,14 @@ return {'ok'}
 # claimed and drain steps), append them to rows:<step>; stop at the first unmaterialised t.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now, ARGV[6] count,
 # ARGV[7] last_source.
-# Returns {'ok', needs_materialise (-1 if none), refs, payloads} | {'state', msg} | {'lease_lost', msg}.
+# Returns {'ok', needs_materialise (-1 if none), refs} | {'state', msg} | {'lease_lost', msg}.
 PREFETCH = _LIB + r"""
 local done_op = op_result(ARGV[2])
 if done_op then
   local w = split(done_op)
   local refs = {}
   for i = 2, #w do refs[#refs + 1] = w[i] end
-  return {'ok', tonumber(w[1]), refs, payloads_of(refs)}
+  return {'ok', tonumber(w[1]), refs}
 end
 local s, want = tonumber(ARGV[3]), tonumber(ARGV[6])
 local err = check_lease(s, ARGV[4], ARGV[5])
@@ -395,10 +430,11 @@ push_all('RPUSH', P .. 'rows:' .. s, got)
 local stored = {needs}
 for _, r in ipairs(got) do stored[#stored + 1] = r end
 op_store(ARGV[2], table.concat(stored, ' '))
-return {'ok', needs, got, payloads_of(got)}
+return {'ok', needs, got}
 """
 
-# DEAD_LETTER: remove a ref from an in-flight step and append a dead-letter record (with its payload).
+# DEAD_LETTER: remove a ref from an in-flight step, append a dead-letter record (the caller put the payload
+# in it) and delete the ref's payload key.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] ref, ARGV[5] record.
 # Returns {'ok'} | {'state', msg} | {'missing', {ref}}.
 DEAD_LETTER = _LIB + r"""
@@ -407,7 +443,7 @@ local s, ref = tonumber(ARGV[3]), ARGV[4]
 if redis.call('HGET', K_STEPS, s) ~= 'inflight' then return {'state', 'step ' .. s .. ' is not in flight'} end
 if redis.call('LREM', P .. 'rows:' .. s, 1, ref) == 0 then return {'missing', {ref}} end
 redis.call('RPUSH', P .. 'dead', ARGV[5])
-redis.call('HDEL', K_PAYLOADS, ref)
+drop_payloads({ref})
 journal(s, 'D', {ref})
 op_store(ARGV[2], 'ok')
 return {'ok'}
@@ -451,8 +487,8 @@ op_store(ARGV[2], 'ok')
 return {'ok', #all}
 """
 
-# READ_ROWS: the current refs and payloads of a step: rows:<s> once claimed, else arrivals then batch.
-# KEYS[1] meta; ARGV[1] prefix, ARGV[2] step. Returns {'ok', refs, payloads}.
+# READ_ROWS: the current refs of a step: rows:<s> once claimed, else arrivals then batch.
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] step. Returns {'ok', refs}.
 READ_ROWS = _LIB + r"""
 local s = ARGV[2]
 local refs
@@ -462,5 +498,5 @@ else
   refs = redis.call('LRANGE', P .. 'arrivals:' .. s, 0, -1)
   for _, r in ipairs(redis.call('LRANGE', P .. 'batch:' .. s, 0, -1)) do refs[#refs + 1] = r end
 end
-return {'ok', refs, payloads_of(refs)}
+return {'ok', refs}
 """

@@ -253,8 +253,7 @@ class Killer:
         self.channel = channel
         self.calls: Counter[str] = Counter()
         self.fired = False
-        self._armed_inflight = False
-        self._last_sent = b""
+        # per thread: the loader's background threads (read-ahead, heartbeat) talk to Redis concurrently
         self._local = threading.local()
 
     # the action -------------------------------------------------------------------------------------
@@ -296,11 +295,11 @@ class Killer:
             if self._hit(name, "before"):
                 self.fire()
             inflight = self._hit(name, "inflight")
-            self._armed_inflight = inflight
+            self._local.armed = inflight
             try:
                 result = original(*args, **kwargs)
             finally:
-                self._armed_inflight = False
+                self._local.armed = False
             if self._hit(name, "after"):
                 self.fire()
             return result
@@ -331,14 +330,15 @@ class Killer:
             result = orig_send(conn, command, check_health)
             parts = [command] if isinstance(command, (bytes, str)) else list(command)
             head = b"".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)[:64].upper()
-            killer._last_sent = head
+            killer._local.last_sent = head
             return result
 
         def read_response(conn: Any, *args: Any, **kwargs: Any) -> Any:
-            if killer._armed_inflight and any(
-                cmd in killer._last_sent for cmd in (b"EVALSHA", b"EVAL", b"FCALL", b"EXEC")
+            local = killer._local
+            if getattr(local, "armed", False) and any(
+                cmd in getattr(local, "last_sent", b"") for cmd in (b"EVALSHA", b"EVAL", b"FCALL", b"EXEC")
             ):
-                killer._armed_inflight = False
+                local.armed = False
                 killer.fire()
             return orig_read(conn, *args, **kwargs)
 

@@ -55,11 +55,14 @@ def read_trace(server: RedisServer, work: Workload) -> Trace:
     client = connect(server.url)
     try:
         store = BatchStore.open(client, work.config(), create=False)
-        steps = client.hgetall(store.keys.steps) if hasattr(store, "keys") else {}
-        if steps:
-            states = {int(k): v.decode() for k, v in steps.items()}
-            not_done = {s: st for s, st in states.items() if st != "committed"}
-            assert not not_done, f"steps not committed at the end: {not_done}"
+        states = {int(k): v.decode() for k, v in client.hgetall(store.keys.steps).items()}
+        not_done = {s: states.get(s) for s in range(work.total_steps) if states.get(s) != "committed"}
+        assert not not_done, f"steps not committed at the end: {not_done}"
+        stats = store.stats()
+        assert not stats.in_flight and not stats.requeued, (stats.in_flight, stats.requeued)
+        assert stats.dead_letters == 0
+        left = {s: n for s, n in stats.upcoming.items() if any(n)}
+        assert not left, f"rows left behind in upcoming steps: {left}"
         return committed_trace(store, work.total_steps)
     finally:
         client.close()

@@ -15,10 +15,13 @@ def _s(value: bytes) -> str:
     return value.decode()
 
 
-def dump(client: redis.Redis, store: BatchStore, *, from_step: int = 0, journals: bool = True) -> dict[str, Any]:
+def dump(
+    client: redis.Redis, store: BatchStore, *, from_step: int = 0, journals: bool = True
+) -> dict[str, Any]:
     """Every list, step state, lease and the payloads of listed refs of steps >= from_step.
 
-    ``max_target`` (an upper bound), ``seq`` and ``op:*`` keys are bookkeeping and not part of the dump.
+    ``max_target`` (an upper bound), ``seq`` and ``op:*`` keys are bookkeeping and not part of the dump;
+    ``payload_keys`` counts every payload key of the shard.
     """
     keys = store.keys
     meta = {_s(k): _s(v) for k, v in client.hgetall(keys.meta).items()}
@@ -33,7 +36,7 @@ def dump(client: redis.Redis, store: BatchStore, *, from_step: int = 0, journals
         lists[name] = items
         if kind != "journal":
             refs.update(items)
-    payloads = client.hmget(keys.payloads, sorted(refs)) if refs else []
+    payloads = client.mget([keys.payload(r) for r in sorted(refs)]) if refs else []
     return {
         "next_step": int(meta["next_step"]),
         "committed_upto": int(meta["committed_upto"]),
@@ -44,15 +47,17 @@ def dump(client: redis.Redis, store: BatchStore, *, from_step: int = 0, journals
         "requeue": [int(v) for v in client.zrange(keys.requeue, 0, -1)],
         "payloads": dict(zip(sorted(refs), payloads)),
         "dead": client.llen(keys.dead),
+        "payload_keys": int(meta["payloads"]),
     }
 
 
 def restrict(state: dict[str, Any], from_step: int) -> dict[str, Any]:
-    """A dump limited to steps >= from_step (payloads recomputed from the remaining lists)."""
+    """A dump limited to steps >= from_step (payloads recomputed from the remaining lists, no count)."""
     lists = {k: v for k, v in state["lists"].items() if int(k.partition(":")[2]) >= from_step}
     refs = {r for k, v in lists.items() if not k.startswith("journal:") for r in v}
     out = dict(state)
     out["lists"] = lists
     out["steps"] = {s: v for s, v in state["steps"].items() if s >= from_step}
     out["payloads"] = {r: p for r, p in state["payloads"].items() if r in refs}
+    del out["payload_keys"]  # includes the payloads of collected steps
     return out

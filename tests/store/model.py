@@ -30,7 +30,8 @@ class _Undo:
 
 class Model:
     def __init__(self, batch_size: int, steps_per_epoch: int, num_epochs: int, retain: int) -> None:
-        self.B, self.S, self.total, self.retain = batch_size, steps_per_epoch, num_epochs * steps_per_epoch, retain
+        self.B, self.S, self.retain = batch_size, steps_per_epoch, retain
+        self.total = num_epochs * steps_per_epoch
         self.batch: dict[int, list[str]] = defaultdict(list)
         self.arrivals: dict[int, list[str]] = defaultdict(list)
         self.rows: dict[int, list[str]] = defaultdict(list)
@@ -168,7 +169,9 @@ class Model:
             self.materialised.discard(g)
             self.gc_floor += 1
 
-    def postpone(self, s: int, consumer: str, moves: list[tuple[str, str, bytes]], t: int, now: float) -> None:
+    def postpone(
+        self, s: int, consumer: str, moves: list[tuple[str, str, bytes]], t: int, now: float
+    ) -> None:
         if t <= s:
             raise StepStateError(t)
         if len({old for old, _, _ in moves}) < len(moves):
@@ -187,7 +190,9 @@ class Model:
         self._journal(s, "P", (t, [(old, new) for old, new, _ in moves]))
         self.max_target = t if self.max_target is None else max(self.max_target, t)
 
-    def prefetch(self, s: int, consumer: str, count: int, last: int, now: float) -> tuple[list[str], int | None]:
+    def prefetch(
+        self, s: int, consumer: str, count: int, last: int, now: float
+    ) -> tuple[list[str], int | None]:
         self._check_lease(s, consumer, now)
         got: list[str] = []
         needs = None
@@ -257,15 +262,14 @@ class Model:
             "payloads": dict(self.payloads),
             "dead": list(self.dead),
             "materialised": sorted(self.materialised),
-            "meta": (self.next_step, self.committed_upto, self.gc_floor, self.seq, self.max_target),
+            "meta": (self.next_step, self.committed_upto, self.gc_floor, self.seq, self.max_target,
+                     len(self.payloads)),
         }
 
 
 def _encode(entry: Entry) -> str:
     seq, kind, data = entry
-    if kind == "C":
-        words = [str(data[0]), *data[1]]
-    elif kind == "F":
+    if kind in ("C", "F"):
         words = [str(data[0]), *data[1]]
     elif kind == "P":
         words = [str(data[0])] + [r for pair in data[1] for r in pair]

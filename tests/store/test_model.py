@@ -30,8 +30,10 @@ def payload(ref: str, tag: str = "") -> bytes:
 def store_dump(client: fakeredis.FakeRedis, store: BatchStore) -> dict[str, Any]:
     """The shard's whole state in the shape of Model.dump() (two round trips: KEYS, then one pipeline)."""
     keys = store.keys
-    names = sorted(k.decode()[len(keys.prefix):] for k in client.keys(keys.scan_pattern()))
-    names = [n for n in names if n.partition(":")[0] in ("batch", "arrivals", "rows", "journal")]
+    everything = sorted(k.decode()[len(keys.prefix):] for k in client.keys(keys.scan_pattern()))
+    names = [n for n in everything if n.partition(":")[0] in ("batch", "arrivals", "rows", "journal")]
+    refs = [n.partition(":")[2] for n in everything if n.startswith("payload:")]
+    assert not [n for n in everything if n.startswith("stage:")]  # every staged upload was adopted or dropped
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.lrange(keys.prefix + name, 0, -1)
@@ -40,7 +42,7 @@ def store_dump(client: fakeredis.FakeRedis, store: BatchStore) -> dict[str, Any]
     pipe.hgetall(keys.owners)
     pipe.zrange(keys.leases, 0, -1, withscores=True)
     pipe.zrange(keys.requeue, 0, -1)
-    pipe.hgetall(keys.payloads)
+    pipe.mget([keys.payload(r) for r in refs] or ["-"])
     pipe.lrange(keys.dead, 0, -1)
     pipe.hkeys(keys.materialised)
     *lists, meta, steps, owners, leases, requeue, payloads, dead, materialised = pipe.execute()
@@ -51,11 +53,11 @@ def store_dump(client: fakeredis.FakeRedis, store: BatchStore) -> dict[str, Any]
         "owners": {int(k): v.decode() for k, v in owners.items()},
         "leases": {int(k): v for k, v in leases},
         "requeue": sorted(int(v) for v in requeue),
-        "payloads": {k.decode(): v for k, v in payloads.items()},
+        "payloads": dict(zip(refs, payloads)),
         "dead": [msgpack.unpackb(v)["ref"] for v in dead],
         "materialised": sorted(int(k) for k in materialised),
         "meta": (int(meta[b"next_step"]), int(meta[b"committed_upto"]), int(meta[b"gc_floor"]),
-                 int(meta[b"seq"]), None if max_target is None else int(max_target)),
+                 int(meta[b"seq"]), None if max_target is None else int(max_target), int(meta[b"payloads"])),
     }
 
 
@@ -98,7 +100,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     def materialise(self, s: int) -> None:
         rows = [(s * B + i, payload(f"{s // S}:{s * B + i}")) for i in range(B)]
-        got, expected = self.both(lambda: self.store.materialise(s, rows), lambda: self.model.materialise(s, rows))
+        got, expected = self.both(lambda: self.store.materialise(s, rows),
+                                  lambda: self.model.materialise(s, rows))
         assert got == expected
 
     # -- rules ------------------------------------------------------------------------------------

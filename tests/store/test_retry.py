@@ -17,7 +17,8 @@ from tests.store.conftest import fill, make_config
 
 
 class FlakyRedis(fakeredis.FakeRedis):
-    """Drops the reply of the next ``fail_after_apply`` script calls: the script ran, the client saw an error."""
+    """Drops the reply of the next ``fail_after_apply`` script calls (the script ran, the client saw an
+    error) and fails the next ``fail_before_apply`` ones before they are sent."""
 
     fail_after_apply = 0
     fail_before_apply = 0
@@ -75,3 +76,30 @@ def test_server_restart_mid_run_is_transparent(redis_server: Any) -> None:
     store.commit(0, "c", now=1)
     nxt = store.claim("c", 10, now=1)
     assert nxt is not None and nxt.step == 1
+
+
+class StageLosingRedis(fakeredis.FakeRedis):
+    """Deletes every staged upload just before the next ``lose`` script calls (like a restart without fsync)."""
+
+    lose = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if args[0] == "EVALSHA" and self.lose:
+            self.lose -= 1
+            stale = list(self.scan_iter(match="*:stage:*"))
+            if stale:
+                self.delete(*stale)
+        return super().execute_command(*args, **options)
+
+
+def test_lost_staged_payloads_are_uploaded_again() -> None:
+    client = StageLosingRedis()
+    store = BatchStore.open(client, make_config(), retry_seconds=5)
+    client.lose = 1
+    assert store.materialise(0, [(0, b"a"), (1, b"b")])
+    claimed = store.claim("c", 10, now=0)
+    assert claimed is not None and [r.payload for r in claimed.rows] == [b"a", b"b"]
+    client.lose = 1
+    store.postpone(0, "c", [(claimed.rows[0].ref, b"a2")], 1, now=0)
+    assert [r.payload for r in store.read_rows(1)] == [b"a2"]
+    assert not list(client.scan_iter(match="*:stage:*"))

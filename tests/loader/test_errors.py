@@ -1,0 +1,79 @@
+"""Bad data and lost writes: clear errors, dead letters, and no silent re-delivery."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import torch
+
+import pr_loader.dataloader as prl
+from pr_loader.errors import CommittedStepsLost, DatasetError, RunConfigMismatch
+from pr_loader.server import FAKE_URL
+
+DATA = [{"ids": torch.tensor([i]), "i": i} for i in range(12)]
+
+
+def make(data: Any = DATA, **kwargs: Any) -> prl.DataLoader:
+    kwargs.setdefault("batch_size", 3)
+    return prl.DataLoader(data, redis_url=FAKE_URL, **kwargs)
+
+
+def test_corrupt_payload_is_dead_lettered_and_the_batch_goes_on() -> None:
+    loader = make()
+    source = loader.source
+    source.ensure_plan(0)
+    source.materialise(0)
+    ref = source.shard().store.read_rows(0)[1].ref
+    source.shard().client.set(source.shard().keys.payload(ref.encode()), b"garbage")
+    first = next(iter(loader))
+    assert first["i"].tolist() == [0, 2]
+    [letter] = source.shard().store.dead_letters()
+    assert letter.ref == ref and "undecodable" in letter.reason
+
+
+class Failing(torch.utils.data.Dataset[dict[str, Any]]):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i == 10:
+            raise OSError("disk read failed")
+        return DATA[i]
+
+
+def test_dataset_error_names_the_index() -> None:
+    loader = make(Failing(), batch_size=4, shuffle=False)
+    with pytest.raises(DatasetError, match="index 10"):
+        list(loader)
+
+
+def test_reopen_with_other_dataset_content_is_refused() -> None:
+    run_id = f"content-{uuid.uuid4().hex}"
+    list(make(run_id=run_id))
+    other = [{"text": f"t{i}"} for i in range(12)]
+    with pytest.raises(RunConfigMismatch, match="dataset_fingerprint"):
+        list(make(other, run_id=run_id))
+
+
+def test_reopen_with_other_batch_size_names_it() -> None:
+    run_id = f"bs-{uuid.uuid4().hex}"
+    list(make(run_id=run_id))
+    with pytest.raises(RunConfigMismatch, match=r"batch_size|steps_per_epoch"):
+        list(make(run_id=run_id, batch_size=4))
+
+
+def test_checkpoint_ahead_of_the_store_is_reported() -> None:
+    """Steps committed and checkpointed, then lost by Redis (simulated by a rollback behind our back)."""
+    loader = make()
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()  # step 2
+    loader.source.shard().store.rollback(0)
+    with pytest.raises(CommittedStepsLost, match=r"steps 1\.\.2 were lost"):
+        make().load_state_dict(state)
+    with pytest.raises(CommittedStepsLost):  # the live loader notices too, instead of yielding step 1 again
+        for _ in range(3):
+            next(it)
