@@ -135,7 +135,7 @@ def bench_prefetch(url: str, data: list[dict[str, Any]], epochs: int, materialis
             time.sleep(0.02)
     waits.sort()
     loader.close()
-    how = "steps in Redis already" if materialised else "steps materialised lazily (dataset -> encode -> Redis)"
+    how = "steps already in Redis" if materialised else "lazy materialisation: dataset -> encode -> Redis"
     return {
         f"(a) wait for next batch, p50 (consumer works 20 ms/step; {how})": ms(statistics.median(waits)),
         f"(a) wait for next batch, p90 ({how})": ms(waits[int(len(waits) * 0.9)]),

@@ -139,6 +139,7 @@ class _LoaderIter:
         threaded = not source.in_process()
         self.background = _Background(threaded)
         self.claimer = _Background(threaded)
+        self.materialiser = _Background(threaded)
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
             self.steps = self._ordered(self._from_workers())
@@ -155,6 +156,9 @@ class _LoaderIter:
         return self.source.steps_per_epoch
 
     # ------------------------------------------------------------------ sources of (step, item)
+    def in_epoch(self, step: int) -> bool:
+        return self.epoch_end - self.source.steps_per_epoch <= step < self.epoch_end
+
     def _build(self, claimed: ClaimedStep) -> Any:
         item = self.source.build(claimed)
         if isinstance(item, EmptyStep):
@@ -163,26 +167,47 @@ class _LoaderIter:
         return self.loader._pin(item)
 
     def _claimed_ahead(self) -> Iterator[tuple[int, Any]]:
-        """FixedBatch, a two-stage pipeline: while the caller works on step k, step k + 1 is decoded and
-        collated and step k + 2 is materialised and claimed, each in its own background thread."""
+        """FixedBatch, a three-stage pipeline: while the caller works on step k, step k + 1 is decoded and
+        collated, step k + 2 claimed and step k + 3 materialised, each in its own background thread."""
         claims, claimer, builder = self.source.claim_steps(self.epoch), self.claimer, self.background
         claimer.start(next, claims, _END)
         previous: ClaimedStep | None = None
-        while (claimed := claimer.wait()) is not _END:
+        while True:
+            try:
+                claimed = claimer.wait()
+            except Exception:  # an error of a later step: the batch before it is handed out first
+                yield from self._built(previous)
+                raise
+            if claimed is _END:
+                break
+            self.materialiser.wait()  # the step about to be claimed is written (or being written by no one)
             claimer.start(next, claims, _END)
-            item = builder.wait()
+            if self.in_epoch(claimed.step + 2):  # (a requeued old step has nothing ahead to write)
+                self.materialiser.start(self._materialise_ahead, claimed.step + 2)
+            ready = self._built(previous)  # wait for step k, start k + 1, then hand k out
             builder.start(self._build, claimed)
-            if previous is not None and not isinstance(item, EmptyStep):
-                yield previous.step, item
+            yield from ready
             previous = claimed
-        if previous is not None and not isinstance(item := builder.wait(), EmptyStep):
-            yield previous.step, item
+        yield from self._built(previous)
+
+    def _built(self, previous: ClaimedStep | None) -> list[tuple[int, Any]]:
+        """The built batch of ``previous`` (none for an empty step), waiting for the builder."""
+        if previous is None or isinstance(item := self.background.wait(), EmptyStep):
+            return []
+        return [(previous.step, item)]
+
+    def _materialise_ahead(self, step: int) -> None:
+        """Best effort: a failure is raised later, by the claim that needs the step, at its turn."""
+        try:
+            self.source.materialise(step)
+        except Exception:
+            logger.debug("materialising step %d ahead failed; the claim will retry", step, exc_info=True)
 
     def _claim_on_request(self) -> Iterator[tuple[int, Any]]:
         """Partial policies: claim when asked (rows may be postponed into the step until then); the next
         step is materialised in the background meanwhile."""
         for claimed in self.source.claim_steps(self.epoch):
-            if claimed.step + 1 < self.epoch_end:
+            if self.in_epoch(claimed.step + 1):
                 self.background.start(self.source.materialise, claimed.step + 1)
             yield claimed.step, self.source.build(claimed)
             self.background.wait()
@@ -256,8 +281,8 @@ class _LoaderIter:
     def __del__(self) -> None:  # an abandoned iterator: stop its threads without waiting for them
         if hasattr(self, "heartbeat"):
             self.heartbeat.stop()
-            self.claimer.pool.shutdown(wait=False)
-            self.background.pool.shutdown(wait=False)
+            for stage in (self.claimer, self.materialiser, self.background):
+                stage.pool.shutdown(wait=False)
 
     def close(self, *, finished: bool = False) -> None:
         """Stop the heartbeat, background work and (unless the epoch finished and they persist) the worker
@@ -267,6 +292,7 @@ class _LoaderIter:
         self.done = True
         self.heartbeat.stop()
         self.claimer.close()
+        self.materialiser.close()
         self.background.close()
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):
             _stop_workers(self.worker_iter)
@@ -284,6 +310,14 @@ class DataLoader(tud.DataLoader[Any]):
     committed steps a ``load_state_dict`` can roll back), ``durability`` (``"none"``, ``"everysec"``,
     ``"always"``: checked against the server), ``allow_pickle`` (codec pickle fallback for samples of
     other types; trusted data only).
+
+    Exact resume recipe: save ``loader.state_dict()`` with every model checkpoint, including one before
+    the first step (step -1), and call ``load_state_dict`` with the checkpoint's state on every start. A
+    restart that skips it continues after the steps its dead predecessor committed, which its restored
+    model may not have seen. ``load_state_dict`` raises :class:`CommittedStepsLost` when Redis is behind the
+    checkpoint (writes lost in a server crash), :class:`RollbackOutOfRange` when the checkpoint is older
+    than ``retain_steps``. Rolling back affects the whole rank shard: do not combine it with competing
+    consumers on the same run.
     """
 
     def __init__(

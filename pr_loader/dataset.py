@@ -178,7 +178,8 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
     ``run_id=None`` starts a fresh run. ``rank``/``world_size`` default to the initialised process group;
     with ``world_size > 1`` and no sampler, rank shards follow ``DistributedSampler`` (padding and
     ``drop_last`` included). ``consumer_id`` names the lease owner; a new process with the same id takes
-    over (and first releases) the in-flight steps of its predecessor.
+    over (and first releases) the in-flight steps of its predecessor. ``sampler`` / ``batch_sampler`` are
+    torch's objects the plans are drawn from (e.g. to call ``set_epoch`` on a ``DistributedSampler``).
     """
 
     def __init__(
@@ -233,9 +234,6 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         self.dataset: Any = data
         self.sampler: Iterable[Any] | None = plan_loader.sampler
         self.batch_sampler: Iterable[Any] | None = plan_loader.batch_sampler
-        self.batch_size = plan_loader.batch_size
-        self.drop_last = drop_last
-        self.generator = generator
         self.collate_fn = plan_loader.collate_fn
         self.auto_collation = plan_loader.batch_sampler is not None
         index_sampler: Any = plan_loader.batch_sampler if self.auto_collation else plan_loader.sampler
@@ -292,7 +290,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         process pinned and never draws plans, so samplers and generators stay behind (they need not, and a
         ``torch.Generator`` cannot always, be pickled to a worker)."""
         clone = copy.copy(self)
-        clone.planner = clone.generator = clone.sampler = clone.batch_sampler = clone.auto_set_epoch = None
+        clone.planner = clone.sampler = clone.batch_sampler = clone.auto_set_epoch = None
         clone.epoch_from_store = True
         return clone
 

@@ -365,7 +365,8 @@ end
 if op_result(op_id) then return refuse({'ok'}) end
 local err = check_lease(s, ARGV[4], ARGV[5])
 if err then return refuse(err) end
-if t <= s or claimed(t) or (t < meta_num('next_step') and not redis.call('ZSCORE', K_REQUEUE, t)) then
+-- every claimed step is below the cursor and not requeued, so this also refuses claimed targets
+if t <= s or (t < meta_num('next_step') and not redis.call('ZSCORE', K_REQUEUE, t)) then
   return refuse({'target', 'target step ' .. t .. ' was already claimed or passed'})
 end
 local rk = P .. 'rows:' .. s

@@ -11,6 +11,7 @@ import torch
 import pr_loader.dataloader as prl
 from pr_loader.errors import CommittedStepsLost, DatasetError, RunConfigMismatch
 from pr_loader.server import FAKE_URL
+from tests.servers import RedisServer
 
 DATA = [{"ids": torch.tensor([i]), "i": i} for i in range(12)]
 
@@ -43,10 +44,14 @@ class Failing(torch.utils.data.Dataset[dict[str, Any]]):
         return DATA[i]
 
 
-def test_dataset_error_names_the_index() -> None:
-    loader = make(Failing(), batch_size=4, shuffle=False)
+@pytest.mark.parametrize("threaded", [False, True])
+def test_dataset_error_names_the_index_at_its_turn(redis_server: RedisServer, threaded: bool) -> None:
+    """Steps are read ahead, but the error of step 2 comes when step 2 is asked for, not earlier."""
+    url = redis_server.url if threaded else FAKE_URL
+    it = iter(prl.DataLoader(Failing(), batch_size=4, redis_url=url))
+    assert [next(it)["i"].tolist() for _ in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(DatasetError, match="index 10"):
-        list(loader)
+        next(it)
 
 
 def test_reopen_with_other_dataset_content_is_refused() -> None:

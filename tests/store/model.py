@@ -179,7 +179,7 @@ class Model:
         if not moves:
             return
         self._check_lease(s, consumer, now)
-        if self.claimed(t) or (t < self.next_step and t not in self.requeue):
+        if t < self.next_step and t not in self.requeue:
             raise StepStateError(t)
         if any(old not in self.rows[s] for old, _, _ in moves):
             raise RowsNotInStep(s)
