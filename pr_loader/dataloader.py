@@ -4,10 +4,12 @@ Every argument of torch's loader is accepted with the same name, order and defau
 itself. For a map-style dataset and ``linked=False`` it yields exactly what torch's loader yields (values,
 dtypes, containers, order, and the random numbers it draws): each epoch's plan is drawn from torch's own
 sampler objects (:mod:`pr_loader.plan`) and stored in Redis; steps are materialised lazily
-(``dataset[i]`` -> codec -> Redis), claimed, decoded and collated with the user's ``collate_fn``. A background
-thread works one step ahead: with ``FixedBatch`` it materialises, claims, decodes and collates step k + 1
-while the caller works on step k; with a postponing policy it only materialises step k + 1 (its rows are
-final only when it is claimed, so rows postponed into it while the caller works still arrive there).
+(``dataset[i]`` -> codec -> Redis), claimed, decoded and collated with the user's ``collate_fn``. Background
+threads work ahead: with ``FixedBatch`` step k + 1 is decoded and collated, k + 2 claimed and k + 3
+materialised while the caller works on step k (an error of a later step is raised at that step's turn);
+with a postponing policy only step k + 1 is materialised ahead (its rows are final only when it is claimed,
+so rows postponed into it while the caller works still arrive there). With the in-process fakeredis store
+everything runs inline (its Lua runtime is not thread-safe).
 
 Commit points: a step is committed when the next one is requested (``next()``, the end of the epoch, or a
 new ``iter()`` of the same loader), or when :meth:`DataLoader.state_dict` is called. A new ``iter()`` gives
@@ -143,7 +145,7 @@ class _LoaderIter:
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
             self.steps = self._ordered(self._from_workers())
-        elif isinstance(source.policy, FixedBatch):  # nothing moves between steps: claim one step ahead
+        elif isinstance(source.policy, FixedBatch):  # nothing moves between steps: claim ahead
             self.steps = self._claimed_ahead()
         else:  # a step's rows are known only when it is claimed: materialise ahead, claim on request
             self.steps = self._claim_on_request()
@@ -180,12 +182,12 @@ class _LoaderIter:
                 raise
             if claimed is _END:
                 break
+            ready = self._built(previous)  # wait for step k, start the stages for k + 1.., then hand k out
+            builder.start(self._build, claimed)
             self.materialiser.wait()  # the step about to be claimed is written (or being written by no one)
             claimer.start(next, claims, _END)
             if self.in_epoch(claimed.step + 2):  # (a requeued old step has nothing ahead to write)
                 self.materialiser.start(self._materialise_ahead, claimed.step + 2)
-            ready = self._built(previous)  # wait for step k, start k + 1, then hand k out
-            builder.start(self._build, claimed)
             yield from ready
             previous = claimed
         yield from self._built(previous)

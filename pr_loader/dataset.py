@@ -459,6 +459,8 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
                     return
                 self._materialise_for_claim(need.step, epoch_end)
                 continue
+            except LeaseLost:  # the step just claimed was taken back meanwhile (lease steal): claim again
+                continue
             if claimed is None:
                 return
             if claimed.step >= epoch_end:  # materialised earlier (before a rollback): give it back

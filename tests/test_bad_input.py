@@ -16,6 +16,7 @@ import torch
 
 from pr_loader import codec
 from pr_loader.dataloader import DataLoader
+from pr_loader.dataset import RedisBatchDataset
 from pr_loader.errors import (
     CodecError,
     DatasetError,
@@ -84,9 +85,15 @@ def _corrupt_step0(url: str, run_id: str, linked: bool) -> tuple[DataLoader, dic
     bad = {
         rows[0].ref.encode(): b"\x00\xffnot a pr_loader payload",
         rows[1].ref.encode(): codec.MAGIC + b"\x01\x00" + b"\xff" * 8 + b"truncated",
-        rows[2].ref.encode(): codec.encode([1, 2, 3]),  # valid codec, but not a row (dict)
     }
-    shard.client.hset(shard.keys.payloads, mapping=bad)
+    if linked:  # a valid codec payload that is not a row (dict): bad for a linked view only
+        bad[rows[2].ref.encode()] = codec.encode([1, 2, 3])
+    keys = shard.keys
+    if hasattr(keys, "payload"):  # one string key per payload
+        for ref, data in bad.items():
+            shard.client.set(keys.payload(ref), data)
+    else:  # one hash of payloads
+        shard.client.hset(keys.payloads, mapping=bad)
     return loader, bad
 
 
@@ -123,8 +130,10 @@ def test_corrupt_payload_in_plain_loader_is_dead_lettered(redis_server: RedisSer
         for batch in loader:
             batches.append(batch["i"].tolist())
         store = loader.source.shard().store
-        assert {d.ref.encode() for d in store.dead_letters()} == set(bad)
-        assert len(batches[0]) == 1
+        assert {d.ref.encode(): d.payload for d in store.dead_letters()} == bad
+        assert len(batches[0]) == 2
+        seen = [i for batch in batches for i in batch] + [d.ref.index for d in store.dead_letters()]
+        assert sorted(seen) == list(range(16))
     finally:
         loader.close()
 
@@ -207,7 +216,10 @@ def test_reopen_store_with_other_config(redis_server: RedisServer, dump: _Dump) 
 
 
 def test_postpone_rows_not_in_step_or_already_postponed(redis_server: RedisServer, dump: _Dump) -> None:
-    loader = _loader(redis_server.url, "postpone-bad", linked=True, policy="PostponeToNext")
+    # RedisBatchDataset (no read-ahead thread writing in the background between the snapshots)
+    loader = RedisBatchDataset(
+        _data(), batch_size=4, redis_url=redis_server.url, run_id="postpone-bad", policy="PostponeToNext"
+    )
     try:
         view = next(iter(loader))
         first = view.select_idxs([0])
@@ -268,8 +280,8 @@ def test_state_dict_of_another_run(redis_server: RedisServer, dump: _Dump) -> No
     try:
         next(iter(a))
         state = a.state_dict()
-        next(iter(b))
-        b.state_dict()
+        a.close()  # stops the read-ahead thread, which would materialise in the background
+        b.state_dict()  # creates run b without an iterator
         before = dump()
         with pytest.raises(StateDictError) as info:
             b.load_state_dict(state)
@@ -295,6 +307,7 @@ def test_state_dict_older_than_retain_steps(redis_server: RedisServer, dump: _Du
             next(it)
         now_state = loader.state_dict()
         assert now_state["step"] == 5
+        loader.close()  # stop the read-ahead thread before the snapshots
         before = dump()
         with pytest.raises(RollbackOutOfRange) as info:
             loader.load_state_dict(old)

@@ -59,16 +59,6 @@ _CHUNK = 1000
 _STAGE_TTL = 3600  # seconds an uploaded payload waits for its script (dropped by it in any case)
 
 
-def _address(client: Any) -> str:
-    """host:port (or socket path) of a client, for error messages; never credentials."""
-    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None) or {}
-    if "path" in kwargs:
-        return f"unix:{kwargs['path']}"
-    if "host" in kwargs:
-        return f"{kwargs['host']}:{kwargs.get('port', 6379)}"
-    return type(client).__name__
-
-
 def _meta_value(value: object) -> str:
     return "" if value is None else str(value)
 
@@ -94,7 +84,6 @@ class BatchStore:
         self._config = config
         self._keys = ShardKeys.for_shard(config.run_id, config.rank)
         self._retry_seconds = retry_seconds
-        self._address = _address(client)
         self._scripts: dict[str, Script] = {
             name: client.register_script(getattr(scripts, name))
             for name in ("OPEN", "MATERIALISE", "CLAIM", "RENEW", "COMMIT", "POSTPONE", "PREFETCH",
@@ -117,7 +106,7 @@ class BatchStore:
             fields += [name, _meta_value(getattr(config, name))]
         reply = store._script("OPEN", "1" if create else "0", *fields)
         if reply[0] == b"missing":
-            raise RunNotFound(f"run {config.run_id!r} rank {config.rank} not found at {store._address}")
+            raise RunNotFound(f"run {config.run_id!r} rank {config.rank} not found at {store._address()}")
         if reply[0] == b"exists":
             raw = reply[1]
             stored = {_text(raw[i]): _text(raw[i + 1]) for i in range(0, len(raw), 2)}
@@ -140,6 +129,27 @@ class BatchStore:
             self._retrying(lambda: self._client.hset(self._keys.meta, "retain_steps",
                                                      str(self._config.retain_steps)))
 
+    def _shard_node(self) -> Any:
+        """The cluster node that holds this shard's slot, or None for a plain client."""
+        if not hasattr(self._client, "get_node_from_key"):
+            return None
+        try:
+            return self._client.get_node_from_key(self._keys.meta)
+        except redis.exceptions.RedisClusterException:
+            return None
+
+    def _address(self) -> str:
+        """host:port (or socket path) of the server holding the shard, for messages; never credentials."""
+        node = self._shard_node()
+        if node is not None:
+            return f"{node.host}:{node.port}"
+        kwargs = getattr(getattr(self._client, "connection_pool", None), "connection_kwargs", None) or {}
+        if "path" in kwargs:
+            return f"unix:{kwargs['path']}"
+        if "host" in kwargs:
+            return f"{kwargs['host']}:{kwargs.get('port', 6379)}"
+        return type(self._client).__name__
+
     @property
     def config(self) -> RunConfig:
         return self._config
@@ -158,20 +168,21 @@ class BatchStore:
             try:
                 return call()
             except redis.AuthenticationError as exc:
-                raise StoreAuthError(f"Redis at {self._address} refused the credentials") from exc
+                raise StoreAuthError(f"Redis at {self._address()} refused the credentials") from exc
             except redis.exceptions.NoPermissionError as exc:
-                raise StoreAuthError(f"Redis at {self._address} denied a command of run "
+                raise StoreAuthError(f"Redis at {self._address()} denied a command of run "
                                      f"{self._config.run_id!r}: {exc}") from exc
             except redis.ResponseError as exc:  # e.g. OOM, or a server that lacks a command
-                raise StoreError(f"Redis at {self._address} refused a command of run "
+                raise StoreError(f"Redis at {self._address()} refused a command of run "
                                  f"{self._config.run_id!r}: {exc}") from exc
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(
-                        f"Redis at {self._address} unreachable for {self._retry_seconds:g}s "
+                        f"Redis at {self._address()} unreachable for {self._retry_seconds:g}s "
                         f"({type(exc).__name__})"
                     ) from exc
-                logger.warning("Redis at %s: %s; retrying in %.2fs", self._address, type(exc).__name__, delay)
+                logger.warning("Redis at %s: %s; retrying in %.2fs", self._address(), type(exc).__name__,
+                               delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -198,8 +209,12 @@ class BatchStore:
             raise RowsNotInStep(f"rows not in step {step}: {refs}")
         raise StoreError(f"unexpected store reply {status!r}")
 
-    def _rows(self, raw_refs: list[bytes]) -> list[StoredRow]:
-        """Rows of refs a script returned; payloads are immutable, so reading them afterwards is safe."""
+    def _rows(self, raw_refs: list[bytes], held: tuple[int, str] | None = None) -> list[StoredRow]:
+        """Rows of refs a script returned (payloads are immutable, so reading them afterwards is safe).
+
+        A payload can only vanish meanwhile if the step stopped being ours (an expiry or rollback undid it):
+        with ``held=(step, consumer)`` that is reported as LeaseLost.
+        """
         refs = [_text(r) for r in raw_refs]
         names = [self._keys.payload(r) for r in refs]
 
@@ -213,10 +228,22 @@ class BatchStore:
         rows = []
         for ref, payload in zip(refs, payloads):
             if payload is None:
+                if held is not None and not self._holds(*held):
+                    raise LeaseLost(f"step {held[0]} was taken from {held[1]!r} while its rows were read")
                 raise StoreError(f"payload of row {ref!r} of run {self._config.run_id!r} is gone "
                                  "(rolled back or collected meanwhile?)")
             rows.append(StoredRow(RowRef.parse(ref), payload))
         return rows
+
+    def _holds(self, step: int, consumer_id: str) -> bool:
+        def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hget(self._keys.steps, step)
+            pipe.hget(self._keys.owners, step)
+            return list(pipe.execute())
+
+        state, owner = self._retrying(read)
+        return bool(state == b"inflight" and owner == consumer_id.encode())
 
     def _staged_script(self, name: str, op_id: str, payloads: list[bytes], *args: str) -> list[Any]:
         """Upload payloads to stage:<op_id>:<i>, then run a script that adopts (or drops) them."""
@@ -232,7 +259,7 @@ class BatchStore:
             reply = self._script(name, op_id, *args)
             if reply[0] != b"restage":  # staged keys lost (e.g. a server restart without fsync): again
                 return reply
-        raise StoreError(f"staged payloads of {name.lower()} keep disappearing at {self._address}")
+        raise StoreError(f"staged payloads of {name.lower()} keep disappearing at {self._address()}")
 
     @staticmethod
     def _now(now: float | None) -> float:
@@ -298,7 +325,8 @@ class BatchStore:
         status = reply[0]
         if status == b"ok":
             self._log_expired(reply[3])
-            return ClaimedStep(int(reply[1]), self._rows(reply[4]), float(reply[2]))
+            step = int(reply[1])
+            return ClaimedStep(step, self._rows(reply[4], (step, consumer_id)), float(reply[2]))
         if status == b"needs":
             self._log_expired(reply[2])
             raise NeedsMaterialisation(int(reply[1]))
@@ -381,7 +409,7 @@ class BatchStore:
                              str(count), str(last_source_step))
         self._raise_for(reply, step)
         needs = int(reply[1])
-        return PrefetchResult(self._rows(reply[2]), None if needs < 0 else needs)
+        return PrefetchResult(self._rows(reply[2], (step, consumer_id)), None if needs < 0 else needs)
 
     def expire_leases(self, *, now: float | None = None) -> list[int]:
         """Return the rows of steps whose lease ran out before ``now``; returns those steps."""
@@ -462,10 +490,12 @@ class BatchStore:
                     stats.postponed.append(PostponedRow(ref, s, s - first))
         leases, owners, stats.dead_letters = res[2 * len(candidates):]
         stats.in_flight = [StepLease(int(s), _text(owners.get(s, b"")), float(exp)) for s, exp in leases]
-        try:
-            stats.server_memory_bytes = int(self._client.info("memory")["used_memory"])
+        node = self._shard_node()
+        try:  # on a cluster: the master that holds the shard
+            info = self._client.info("memory", **({} if node is None else {"target_nodes": node}))
+            stats.server_memory_bytes = int(info["used_memory"])
         except (redis.ResponseError, KeyError, TypeError):
-            stats.server_memory_bytes = None  # e.g. a cluster client (one value per node) or no INFO
+            stats.server_memory_bytes = None  # no INFO (fakeredis, ACL) or an unexpected reply
         return stats
 
     def delete_run(self) -> int:

@@ -119,10 +119,17 @@ end
 -- nil if consumer holds a live lease on step s, else an error reply
 local function check_lease(s, consumer, now)
   local state = redis.call('HGET', K_STEPS, s)
+  if not state and redis.call('ZSCORE', K_REQUEUE, s) then
+    return {'lease_lost', 'lease of step ' .. s .. ' expired; the step was returned for a new claim'}
+  end
+  local owner = redis.call('HGET', K_OWNERS, s)  -- kept after commit until the step is collected
+  if state == 'committed' then
+    if owner ~= consumer then return {'lease_lost', 'step ' .. s .. ' was committed by ' .. owner} end
+    return {'state', 'step ' .. s .. ' is already committed'}
+  end
   if state ~= 'inflight' then
     return {'state', 'step ' .. s .. ' is not in flight (' .. (state or 'unclaimed') .. ')'}
   end
-  local owner = redis.call('HGET', K_OWNERS, s)
   if owner ~= consumer then return {'lease_lost', 'step ' .. s .. ' is leased to ' .. tostring(owner)} end
   local expiry = redis.call('ZSCORE', K_LEASES, s)
   if tonumber(expiry) < tonumber(now) then
@@ -312,14 +319,12 @@ return {'ok'}
 COMMIT = _LIB + r"""
 if op_result(ARGV[2]) then return {'ok'} end
 local s = tonumber(ARGV[3])
-local state = redis.call('HGET', K_STEPS, s)
-if state == 'committed' or (not state and s < meta_num('gc_floor')) then
+if not redis.call('HGET', K_STEPS, s) and s < meta_num('gc_floor') then
   return {'state', 'step ' .. s .. ' is already committed'}
 end
 local err = check_lease(s, ARGV[4], ARGV[5])
 if err then return err end
 redis.call('HSET', K_STEPS, s, 'committed')
-redis.call('HDEL', K_OWNERS, s)
 redis.call('ZREM', K_LEASES, s)
 local upto = meta_num('committed_upto')
 if s > upto then
@@ -341,6 +346,7 @@ while floor <= limit do
   drop_payloads(dead)
   redis.call('DEL', P .. 'rows:' .. floor, P .. 'journal:' .. floor)
   redis.call('HDEL', K_STEPS, floor)
+  redis.call('HDEL', K_OWNERS, floor)
   redis.call('HDEL', K_MAT, floor)
   floor = floor + 1
 end

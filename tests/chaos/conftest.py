@@ -64,6 +64,6 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if TALLY.runs or TALLY.rows_checked or TALLY.drops:
+    if any(TALLY.as_dict().values()):
         terminalreporter.write_sep("-", "pr_loader chaos summary")
         terminalreporter.write_line(TALLY.line())

@@ -183,3 +183,48 @@ def test_expired_lease_with_claimed_postpone_target(chaos_server: RedisServer, t
         TALLY.runs += 1
     finally:
         client.close()
+
+
+def test_claim_racing_a_lease_steal_does_not_fail_with_missing_payload(chaos_server: RedisServer) -> None:
+    """Found by test_competing_consumers_with_kills (about one run in 50): consumer C's claim script returns
+    step 1's refs; before C reads their payloads, B's claim expires C's lease and A's, which undoes A's
+    postpone into step 1 and deletes that payload version. C's claim must then report the lost lease
+    (LeaseLost) or return complete rows -- not a bare StoreError("payload ... is gone")."""
+    work = Workload(run_id="lease-claim-race", seed=9)
+    client_a, client_b, client_c = (connect(chaos_server.url) for _ in range(3))
+    try:
+        store_a = BatchStore.open(client_a, work.config())
+        store_b = BatchStore.open(client_b, work.config())
+        store_c = BatchStore.open(client_c, work.config())
+        for s in range(3):
+            materialise_if_needed(store_a, work, s)
+        a = store_a.claim("A", 100.0, now=10.0)  # expiry 110
+        assert a is not None and a.step == 0
+        store_a.postpone(0, "A", [(a.rows[0].ref, a.rows[0].payload + b"|a")], 1, now=11.0)
+        original_mget = client_c.mget
+        stolen: list[object] = []
+
+        def mget_after_a_steal(*args: Any, **kwargs: Any) -> Any:
+            if not stolen:  # B arrives between C's claim script and C's payload read
+                stolen.append(store_b.claim("B", 100.0, now=1000.0))
+            return original_mget(*args, **kwargs)
+
+        client_c.mget = mget_after_a_steal  # type: ignore[method-assign]
+        try:
+            c = store_c.claim("C", 95.0, now=10.0)  # step 1, expiry 105: expires before A's step 0
+        except LeaseLost:
+            c = None
+        except Exception as exc:
+            raise AssertionError(f"claim racing a steal failed with {type(exc).__name__}: {exc}") from exc
+        finally:
+            client_c.mget = original_mget  # type: ignore[method-assign]
+        if not stolen:
+            pytest.skip("the store no longer reads payloads after its claim script: no race window")
+        if c is not None:
+            assert all(r.payload for r in c.rows)
+            with pytest.raises(LeaseLost):
+                store_c.commit(c.step, "C", now=11.0)
+        TALLY.lease_steals += 1
+    finally:
+        for client in (client_a, client_b, client_c):
+            client.close()

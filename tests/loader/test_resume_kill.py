@@ -4,6 +4,7 @@ uninterrupted run: PostponeToNext with prefetching, three epochs."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import signal
@@ -46,6 +47,9 @@ def test_sigkill_resume_trace_equals_uninterrupted(
     total = trainer_proc.EPOCHS * trainer_proc.S
     assert [t["step"] for t in reference] == list(range(total))
     assert any(t["postponed"] for t in reference) and any(len(t["rows"]) > trainer_proc.B for t in reference)
+    for step, nxt in itertools.pairwise(reference):  # reading ahead never takes postponed rows elsewhere
+        arrived = [row[0] for row in nxt["rows"]] + nxt["postponed"]
+        assert all(sid in arrived for sid in step["postponed"]), (step, nxt)
 
     rng = random.Random(seed)
     kills = sorted(rng.sample(range(total), 3))

@@ -58,6 +58,7 @@ def restrict(state: dict[str, Any], from_step: int) -> dict[str, Any]:
     out = dict(state)
     out["lists"] = lists
     out["steps"] = {s: v for s, v in state["steps"].items() if s >= from_step}
+    out["owners"] = {s: v for s, v in state["owners"].items() if s >= from_step}
     out["payloads"] = {r: p for r, p in state["payloads"].items() if r in refs}
     del out["payload_keys"]  # includes the payloads of collected steps
     return out

@@ -57,6 +57,10 @@ class Model:
         self.journal[s].append((self.seq, kind, data))
 
     def _check_lease(self, s: int, consumer: str, now: float) -> None:
+        if s not in self.steps and s in self.requeue:
+            raise LeaseLost(s)
+        if self.steps.get(s) == "committed":
+            raise (LeaseLost if self.owners[s] != consumer else StepStateError)(s)
         if self.steps.get(s) != "inflight":
             raise StepStateError(s)
         if self.owners[s] != consumer or self.leases[s] < now:
@@ -147,12 +151,11 @@ class Model:
         return now + lease
 
     def commit(self, s: int, consumer: str, now: float) -> None:
-        state = self.steps.get(s)
-        if state == "committed" or (state is None and s < self.gc_floor):
+        if s not in self.steps and s < self.gc_floor:
             raise StepStateError(s)
         self._check_lease(s, consumer, now)
         self.steps[s] = "committed"
-        del self.owners[s], self.leases[s]
+        del self.leases[s]
         self.committed_rows[s] = list(self.rows[s])
         self.committed_upto = max(self.committed_upto, s)
         while self.gc_floor <= self.committed_upto - self.retain - 1 and self.steps.get(self.gc_floor) in (
@@ -166,6 +169,7 @@ class Model:
                     for old, _ in data[1]:
                         self.payloads.pop(old, None)
             del self.steps[g]
+            self.owners.pop(g, None)
             self.materialised.discard(g)
             self.gc_floor += 1
 

@@ -167,6 +167,8 @@ def test_commit_refusals(store: BatchStore) -> None:
     store.commit(0, "c", now=99, op_id="op1")  # replay of the same op: the stored result
     with pytest.raises(StepStateError, match="already committed"):
         store.commit(0, "c", now=0, op_id="op2")
+    with pytest.raises(LeaseLost, match="committed by c"):  # a late consumer learns it lost the step
+        store.commit(0, "late", now=0)
 
 
 def test_renew_extends_the_lease(store: BatchStore) -> None:
@@ -192,6 +194,8 @@ def test_lease_expiry_returns_rows_to_the_next_claim(store: BatchStore, client: 
     after = dump(client, store)
     assert after["lists"] == {k: v for k, v in before["lists"].items()}
     assert after["requeue"] == [0] and after["leases"] == {} and after["steps"] == {}
+    with pytest.raises(LeaseLost, match="returned for a new claim"):
+        store.renew(0, "a", 10, now=10.02)
     again = store.claim("b", 10, now=11)
     assert again is not None and again.step == 0 and refs(again.rows) == refs(first.rows)
     with pytest.raises(LeaseLost):
@@ -218,6 +222,27 @@ def test_expiry_keeps_rows_that_moved_to_a_claimed_step(store: BatchStore) -> No
     again = store.claim("c", 10, now=20)
     assert again is not None and again.step == 0
     assert refs(again.rows) == refs(first.rows)[1:] + refs(pf.rows)
+
+
+def test_claim_that_loses_its_lease_while_reading_payloads_says_so(
+    store: BatchStore, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = store.claim("A", 100, now=10)
+    assert a is not None
+    store.postpone(0, "A", [(a.rows[0].ref, b"x")], 1, now=11)
+    other = BatchStore.open(client, store.config)
+    original = client.mget
+
+    def steal(*args: object, **kwargs: object) -> object:
+        # between C's claim script and its payload read, B expires C (step 1) and then A, whose undone
+        # postpone deletes the payload of the row C got in step 1
+        monkeypatch.setattr(client, "mget", original)
+        other.claim("B", 100, now=1000)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, "mget", steal)
+    with pytest.raises(LeaseLost, match="while its rows were read"):
+        store.claim("C", 95, now=10)
 
 
 def test_late_commit_after_reclaim_is_refused(store: BatchStore) -> None:

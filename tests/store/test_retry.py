@@ -79,7 +79,7 @@ def test_server_restart_mid_run_is_transparent(redis_server: Any) -> None:
 
 
 class StageLosingRedis(fakeredis.FakeRedis):
-    """Deletes every staged upload just before the next ``lose`` script calls (like a restart without fsync)."""
+    """Deletes every staged upload before the next ``lose`` script calls (like a restart without fsync)."""
 
     lose = 0
 
