@@ -19,8 +19,9 @@ Layout::
 Encoding copies each tensor's bytes exactly once (straight into the output via ``bytes.join``).  Decoding
 copies them once more into memory the tensor owns (a ``bytearray`` when small, a numpy buffer, which gets
 huge pages, from 1 MiB): the payload ``bytes`` are immutable, so a zero-copy tensor over them would be
-read-only (torch warns, and a write would corrupt an immutable object).  That copy costs about one
-``memcpy`` (see ``benchmarks/bench_codec.py``), small next to the Redis transfer that produced the bytes.
+read-only (a write would corrupt an immutable object).  That copy costs about one ``memcpy`` (see
+``benchmarks/bench_codec.py``).  ``decode(data, copy=False)`` skips it for tensors when the caller copies
+anyway (``torch.stack`` in a collate function): the tensors then view ``data`` and must never be written.
 
 Decoding never runs code (no pickle unless both sides opt in with ``allow_pickle=True``), never allocates
 more than the payload's size because of a forged length, and bounds nesting depth; any corrupt, truncated or
@@ -33,6 +34,8 @@ import ctypes
 import math
 import pickle
 import struct
+import threading
+import warnings
 from typing import Any
 
 import msgpack
@@ -66,6 +69,8 @@ _MAX_NDIM = 64
 _MAX_DTYPE_STR = 32
 _SMALL_COPY = 1 << 20  # decoded tensors below this size are copied into a bytearray, larger ones via numpy
 _UINT8 = np.dtype(np.uint8)
+_VIEW_WARNING_SPENT = threading.Event()
+_VIEW_WARNING_LOCK = threading.Lock()
 
 # Torch dtype codes (part of the format: never renumber). Newer dtypes are optional.
 _TORCH_DTYPE_NAMES = (
@@ -272,20 +277,35 @@ def encode(sample: Any, *, allow_pickle: bool = False) -> bytes:
     return b"".join([header, skeleton, *encoder.buffers])
 
 
+_DIMS = [struct.Struct(f"<{n}Q") for n in range(_MAX_NDIM + 1)]  # precompiled: decode is per-sample hot
+
+
 def _shape(data: bytes, start: int, ndim: int) -> tuple[int, ...]:
     if ndim > _MAX_NDIM:
         raise CodecError(f"corrupt payload: {ndim} dimensions")
-    return struct.unpack_from(f"<{ndim}Q", data, start)
+    return _DIMS[ndim].unpack_from(data, start)
+
+
+def _spend_view_warning() -> None:
+    """Let torch emit its once-per-process "buffer is not writable" warning now, silenced: views made by
+    ``decode(copy=False)`` are read-only by contract, so the warning would only be noise."""
+    with _VIEW_WARNING_LOCK:
+        if not _VIEW_WARNING_SPENT.is_set():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+                torch.frombuffer(b"\0", dtype=torch.uint8)
+            _VIEW_WARNING_SPENT.set()
 
 
 class _Decoder:
-    """State of one ``decode`` call: the raw area and the nesting depth."""
+    """State of one ``decode`` call: the raw area, the nesting depth and whether tensors are copied."""
 
-    __slots__ = ("allow_pickle", "depth", "raw")
+    __slots__ = ("allow_pickle", "copy", "depth", "raw")
 
-    def __init__(self, raw: memoryview, allow_pickle: bool) -> None:
+    def __init__(self, raw: memoryview, allow_pickle: bool, copy: bool = True) -> None:
         self.raw = raw
         self.allow_pickle = allow_pickle
+        self.copy = copy
         self.depth = 0
 
     def unpack(self, data: bytes | memoryview) -> Any:
@@ -298,7 +318,7 @@ class _Decoder:
             self.depth -= 1
 
     def check_raw(self, offset: int, nbytes: int) -> None:
-        if offset + nbytes > len(self.raw):
+        if offset + nbytes > self.raw.nbytes:
             raise CodecError(
                 f"truncated payload: data at offset {offset} needs {nbytes} bytes, "
                 f"{max(len(self.raw) - offset, 0)} present"
@@ -345,8 +365,11 @@ class _Decoder:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        self.check_raw(offset, nbytes)
-        if nbytes < _SMALL_COPY:  # a private bytearray is the cheapest writable buffer for small tensors
+        if offset + nbytes > self.raw.nbytes:
+            self.check_raw(offset, nbytes)
+        if not self.copy:  # a view of the payload (it keeps the payload alive)
+            t = torch.frombuffer(self.raw, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+        elif nbytes < _SMALL_COPY:  # a private bytearray is the cheapest writable buffer for small tensors
             t = torch.frombuffer(bytearray(self.raw[offset : offset + nbytes]), dtype=dtype)
         else:
             t = torch.from_numpy(self.copy_raw(_UINT8, offset, nbytes)).view(dtype)
@@ -386,12 +409,17 @@ class _Decoder:
         return np.fromiter(items, dtype=object, count=len(items)).reshape(shape)
 
 
-def decode(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False) -> Any:
+def decode(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False, copy: bool = True) -> Any:
     """Decode bytes made by :func:`encode`.
 
     Raises CodecError for foreign, corrupt or truncated bytes, a newer format version, or pickled content
     without ``allow_pickle=True`` (only opt in for payloads from a trusted source: unpickling runs code).
     Tensors and arrays are freshly allocated and writable; they never share memory with ``data``.
+
+    ``copy=False``: tensors are zero-copy views of ``data`` instead (keeping it alive), possibly unaligned.
+    They MUST NOT be written (torch has no read-only tensors; a write corrupts ``data``, an immutable
+    ``bytes`` for all Python knows) and are meant to be copied, e.g. by ``torch.stack``. numpy arrays
+    are copied either way.
     """
     try:
         view = memoryview(data).cast("B")
@@ -411,7 +439,9 @@ def decode(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False) 
     end = _HEADER.size + skeleton_len
     if end > len(view):
         raise CodecError(f"truncated payload: skeleton needs {end} bytes, {len(view)} present")
-    decoder = _Decoder(view[end:], allow_pickle)
+    if not copy and not _VIEW_WARNING_SPENT.is_set():
+        _spend_view_warning()
+    decoder = _Decoder(view[end:], allow_pickle, copy)
     try:
         return decoder.unpack(view[_HEADER.size : end])
     except CodecError:

@@ -12,7 +12,9 @@ so rows postponed into it while the caller works still arrive there). With the i
 everything runs inline (its Lua runtime is not thread-safe).
 
 Commit points: a step is committed when the next one is requested (``next()``, the end of the epoch, or a
-new ``iter()`` of the same loader), or when :meth:`DataLoader.state_dict` is called. A new ``iter()`` gives
+new ``iter()`` of the same loader), or when :meth:`DataLoader.state_dict` is called. ``next()`` sends that
+commit from a background thread and hands the next batch out at once (a failed commit is raised by the
+following call; ``state_dict()``, the end of the epoch and a new ``iter()`` wait for it). A new ``iter()`` gives
 back steps claimed ahead and continues after the last committed step, so one ``iter()`` is the rest of one
 epoch: unlike torch, abandoning an iterator mid-epoch continues that epoch instead of starting a new one. A
 new process with the same ``run_id`` and ``consumer_id`` first gives back every in-flight step of its dead
@@ -87,6 +89,8 @@ class _Heartbeat:
                     store.renew(step, self.source.consumer_id, self.source.lease_seconds)
             except LeaseLost as exc:
                 logger.warning("heartbeat: %s", exc)
+            except StepStateError as exc:  # committed between listing and renewing it: nothing to keep
+                logger.debug("heartbeat: %s", exc)
             except Exception:  # the loop must survive a passing Redis outage; the next beat retries
                 logger.exception("heartbeat of consumer %s failed", self.source.consumer_id)
 
@@ -142,6 +146,7 @@ class _LoaderIter:
         self.background = _Background(threaded)
         self.claimer = _Background(threaded)
         self.materialiser = _Background(threaded)
+        self.committer = _Background(threaded)
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
             self.steps = self._ordered(self._from_workers())
@@ -253,10 +258,7 @@ class _LoaderIter:
             buffer[step] = item
 
     # ------------------------------------------------------------------ iteration
-    def commit_pending(self) -> None:
-        step, self.pending = self.pending, None
-        if step is None:
-            return
+    def _commit(self, step: int) -> None:
         try:
             self.source.commit(step)
         except (StepStateError, LeaseLost) as exc:
@@ -265,14 +267,29 @@ class _LoaderIter:
                 raise  # (a linked view may have been committed by its user already)
         self.loader._known_committed = max(self.loader._known_committed, step)
 
+    def commit_pending(self, *, wait: bool = True) -> None:
+        """Commit the step handed out last. ``wait=False`` (``next()``) sends the commit from a background
+        thread so that the next batch is handed out at once; its error, if any, is raised by the next call
+        (the following ``next()``, ``state_dict()`` or ``close()``)."""
+        self.committer.wait()
+        step, self.pending = self.pending, None
+        if step is not None:
+            self.committer.start(self._commit, step)
+            if wait:
+                self.committer.wait()
+
     def __next__(self) -> Any:
         if self.done:
             raise StopIteration
-        self.commit_pending()
+        self.commit_pending(wait=False)
         try:
             step, item = next(self.steps)
         except StopIteration:
+            self.committer.wait()
             self.close(finished=True)
+            raise
+        except BaseException:
+            self.committer.wait()  # a failed commit explains more than the error it caused
             raise
         if step <= self.loader._known_committed:  # a requeued step of another consumer, or a lost commit?
             self.loader._check_not_behind()
@@ -283,7 +300,7 @@ class _LoaderIter:
     def __del__(self) -> None:  # an abandoned iterator: stop its threads without waiting for them
         if hasattr(self, "heartbeat"):
             self.heartbeat.stop()
-            for stage in (self.claimer, self.materialiser, self.background):
+            for stage in (self.claimer, self.materialiser, self.background, self.committer):
                 stage.pool.shutdown(wait=False)
 
     def close(self, *, finished: bool = False) -> None:
@@ -293,9 +310,14 @@ class _LoaderIter:
             return
         self.done = True
         self.heartbeat.stop()
+        try:
+            self.committer.wait()
+        except Exception:  # close() must not fail; the step stays in flight and comes again
+            logger.warning("committing the step before the last one failed", exc_info=True)
         self.claimer.close()
         self.materialiser.close()
         self.background.close()
+        self.committer.close()
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):
             _stop_workers(self.worker_iter)
             self.loader._workers = None

@@ -490,11 +490,15 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
 
     def decode(self, claimed: ClaimedStep) -> list[Any]:
         """The samples of a claimed step; an undecodable row is dead-lettered (kept in Redis with the
-        reason) and left out, like :class:`LinkedDataProto` does."""
+        reason) and left out, like :class:`LinkedDataProto` does.
+
+        With torch's ``default_collate`` the tensors are zero-copy views of the payloads: its
+        ``torch.stack`` is then the one copy (any other collate function gets private, writable tensors)."""
         samples = []
+        copy = not (self.auto_collation and self.collate_fn is tud.default_collate)
         for row in claimed.rows:
             try:
-                samples.append(codec.decode(row.payload, allow_pickle=self.allow_pickle))
+                samples.append(codec.decode(row.payload, allow_pickle=self.allow_pickle, copy=copy))
             except CodecError as exc:
                 logger.warning("step %d: dead-lettering row %s: %s", claimed.step, row.ref.encode(), exc)
                 self.shard().store.dead_letter(claimed.step, row.ref, f"undecodable payload: {exc}")

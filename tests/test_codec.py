@@ -129,6 +129,40 @@ def test_decoded_tensors_are_writable_private_and_warning_free() -> None:
     assert decode(payload) is not None and payload == encode(sample)  # payload bytes untouched
 
 
+def test_zero_copy_decode_views_the_payload() -> None:
+    sample: dict[str, Any] = {
+        "small": torch.arange(10), "big": torch.randn(1 << 19), "grid": torch.ones(2, 3, dtype=torch.int16),
+        "empty": torch.empty(0, 4), "arr": np.arange(4.0), "n": 3,
+    }  # fmt: skip
+    payload = encode(sample)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" warning is spent silently
+        out = decode(payload, copy=False)
+        decode(payload, copy=False)
+    base = np.frombuffer(payload, np.uint8).ctypes.data
+    for key in ("small", "big", "grid"):
+        assert_same(out[key], sample[key])
+        assert base <= out[key].data_ptr() < base + len(payload)  # no copy: inside the payload bytes
+    assert_same(out["empty"], sample["empty"])
+    assert out["n"] == 3
+    address = out["arr"].ctypes.data  # numpy arrays are still copied
+    assert out["arr"].flags.writeable and not base <= address < base + len(payload)
+    stacked = torch.stack([out["grid"], decode(payload, copy=False)["grid"]])  # the intended use: copy
+    stacked.add_(1)
+    assert payload == encode(sample)
+
+
+def test_zero_copy_decode_keeps_the_payload_alive() -> None:
+    out = decode(encode({"t": torch.arange(1000)}), copy=False)  # nothing else holds the bytes
+    assert torch.equal(out["t"].clone(), torch.arange(1000))
+
+
+def test_zero_copy_decode_checks_like_a_copying_one() -> None:
+    payload = encode({"t": torch.arange(100)})
+    with pytest.raises(CodecError, match="truncated"):
+        decode(payload[:-8], copy=False)
+
+
 @pytest.mark.filterwarnings("ignore:.*quantiz")
 def test_unsupported_tensors() -> None:
     with pytest.raises(CodecError, match=r'sample\["q"\]: tensor of dtype torch.qint8'):

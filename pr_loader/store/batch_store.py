@@ -247,11 +247,18 @@ class BatchStore:
 
     def _staged_script(self, name: str, op_id: str, payloads: list[bytes], *args: str) -> list[Any]:
         """Upload payloads to stage:<op_id>:<i>, then run a script that adopts (or drops) them."""
+        names = [self._keys.stage(op_id, i) for i in range(len(payloads))]
+        cluster = self._shard_node() is not None
 
         def stage() -> None:
             pipe = self._client.pipeline(transaction=False)
-            for i, payload in enumerate(payloads):
-                pipe.set(self._keys.stage(op_id, i), payload, ex=_STAGE_TTL)
+            if names and not cluster:  # one MSET: under appendfsync always one big write = one fsync
+                pipe.mset(dict(zip(names, payloads)))
+                for name in names:
+                    pipe.expire(name, _STAGE_TTL)
+            else:  # redis-py refuses MSET in cluster pipelines
+                for name, payload in zip(names, payloads):
+                    pipe.set(name, payload, ex=_STAGE_TTL)
             pipe.execute()
 
         for _ in range(3):

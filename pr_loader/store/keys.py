@@ -75,6 +75,10 @@ class ShardKeys:
         """Where a call uploads payload i before its script adopts it (RENAME) as a payload key."""
         return f"{self.prefix}stage:{op_id}:{i}"
 
+    def opids(self, step: int) -> str:
+        """The op ids whose results belong to ``step`` (deleted with them when the step is collected)."""
+        return f"{self.prefix}opids:{step}"
+
     def op(self, op_id: str) -> str:
         return f"{self.prefix}op:{op_id}"
 

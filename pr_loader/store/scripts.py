@@ -8,7 +8,9 @@ Conventions shared by all scripts:
   cluster slot as ``KEYS[1]``: Redis Cluster accepts undeclared keys of the script's own slot.
 * A mutating script takes an ``op_id``. It first looks for ``op:<op_id>``; if present the operation was
   already applied and the stored result is returned. Otherwise the script applies the change and stores its
-  result under ``op:<op_id>`` (TTL one day) in the same atomic step, so a retried call never applies twice.
+  result under ``op:<op_id>`` in the same atomic step, so a retried call never applies twice. The op id is
+  also appended to ``opids:<s>`` of the step it concerns, and the commit GC deletes the results of collected
+  steps (a one-day TTL is only a backstop): op results are bounded by the retained window, like the rest.
 * Scripts return a table whose first element is a status string: ``ok`` or an error code the Python side maps
   to an exception or action (``state``, ``lease_lost``, ``missing``, ``target``, ``needs``, ``range``,
   ``wait``, ``done``, ``restage``). Steps are returned as integers, timestamps as strings (Lua numbers
@@ -91,8 +93,10 @@ local function op_result(op_id)
   return redis.call('GET', P .. 'op:' .. op_id)
 end
 
-local function op_store(op_id, result)
+-- the result of op_id, an operation on step s: kept until s is garbage-collected (TTL one day as a backstop)
+local function op_store(op_id, result, s)
   redis.call('SET', P .. 'op:' .. op_id, result, 'EX', 86400)
+  redis.call('RPUSH', P .. 'opids:' .. s, op_id)
 end
 
 local function meta_num(field)
@@ -125,7 +129,7 @@ local function check_lease(s, consumer, now)
   local owner = redis.call('HGET', K_OWNERS, s)  -- kept after commit until the step is collected
   if state == 'committed' then
     if owner ~= consumer then return {'lease_lost', 'step ' .. s .. ' was committed by ' .. owner} end
-    return {'state', 'step ' .. s .. ' is already committed'}
+    return {'state', 'step ' .. s .. ' is not in flight (already committed)'}
   end
   if state ~= 'inflight' then
     return {'state', 'step ' .. s .. ' is not in flight (' .. (state or 'unclaimed') .. ')'}
@@ -236,7 +240,7 @@ adopt_staged(op_id, refs)
 redis.call('DEL', P .. 'batch:' .. s)
 push_all('RPUSH', P .. 'batch:' .. s, refs)
 redis.call('HSET', K_MAT, s, #refs)
-op_store(op_id, '1')
+op_store(op_id, '1', s)
 return {'ok', 1}
 """
 
@@ -297,7 +301,7 @@ journal(s, 'C', words)
 redis.call('HSET', K_STEPS, s, 'inflight')
 redis.call('HSET', K_OWNERS, s, consumer)
 redis.call('ZADD', K_LEASES, ARGV[5], s)
-op_store(ARGV[2], s)
+op_store(ARGV[2], s, s)
 return {'ok', s, ARGV[5], expired, refs}
 """
 
@@ -344,14 +348,20 @@ while floor <= limit do
     end
   end
   drop_payloads(dead)
-  redis.call('DEL', P .. 'rows:' .. floor, P .. 'journal:' .. floor)
+  local ops = redis.call('LRANGE', P .. 'opids:' .. floor, 0, -1)
+  for i = 1, #ops, CHUNK do
+    local names = {}
+    for n = i, math.min(i + CHUNK - 1, #ops) do names[#names + 1] = P .. 'op:' .. ops[n] end
+    redis.call('DEL', unpack(names))
+  end
+  redis.call('DEL', P .. 'rows:' .. floor, P .. 'journal:' .. floor, P .. 'opids:' .. floor)
   redis.call('HDEL', K_STEPS, floor)
   redis.call('HDEL', K_OWNERS, floor)
   redis.call('HDEL', K_MAT, floor)
   floor = floor + 1
 end
 redis.call('HSET', K_META, 'gc_floor', floor)
-op_store(ARGV[2], 'ok')
+op_store(ARGV[2], 'ok', s)
 return {'ok'}
 """
 
@@ -393,7 +403,7 @@ adopt_staged(op_id, news)
 push_all('RPUSH', P .. 'arrivals:' .. t, news)
 journal(s, 'P', words)
 if t > (meta_num('max_target') or -1) then redis.call('HSET', K_META, 'max_target', t) end
-op_store(ARGV[2], 'ok')
+op_store(ARGV[2], 'ok', s)
 return {'ok'}
 """
 
@@ -436,7 +446,7 @@ end
 push_all('RPUSH', P .. 'rows:' .. s, got)
 local stored = {needs}
 for _, r in ipairs(got) do stored[#stored + 1] = r end
-op_store(ARGV[2], table.concat(stored, ' '))
+op_store(ARGV[2], table.concat(stored, ' '), s)
 return {'ok', needs, got}
 """
 
@@ -452,7 +462,7 @@ if redis.call('LREM', P .. 'rows:' .. s, 1, ref) == 0 then return {'missing', {r
 redis.call('RPUSH', P .. 'dead', ARGV[5])
 drop_payloads({ref})
 journal(s, 'D', {ref})
-op_store(ARGV[2], 'ok')
+op_store(ARGV[2], 'ok', s)
 return {'ok'}
 """
 
@@ -490,7 +500,7 @@ for s = k + 1, top do
 end
 redis.call('ZREMRANGEBYSCORE', K_REQUEUE, '(' .. k, '+inf')
 redis.call('HSET', K_META, 'next_step', k + 1, 'committed_upto', k)
-op_store(ARGV[2], 'ok')
+op_store(ARGV[2], 'ok', k + 1)
 return {'ok', #all}
 """
 

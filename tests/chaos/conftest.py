@@ -1,4 +1,12 @@
-"""Chaos fixtures and the end-of-session summary line (kills, restarts, drops, rows, lost, duplicated)."""
+"""Chaos fixtures and the end-of-session summary line (kills, restarts, drops, rows, lost, duplicated).
+
+CI runs a few iterations per randomised test; by hand::
+
+    PR_LOADER_CHAOS_ITERATIONS=1000 PR_LOADER_CHAOS_SEED=7 pytest tests/chaos -x
+    PR_LOADER_SOAK_SECONDS=3600 pytest tests/test_soak.py
+
+Every failure message carries the "story" of the run (kill plans, exit codes); the seed reproduces it.
+"""
 
 from __future__ import annotations
 

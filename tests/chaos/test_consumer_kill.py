@@ -83,7 +83,6 @@ def crash_and_recover(
     server: RedisServer,
     work: Workload,
     tmp_path: Path,
-    rng: random.Random,
     recovery: str,
     plans: list[KillPlan],
 ) -> list[str]:
@@ -122,7 +121,7 @@ def test_random_consumer_kills(chaos_server: RedisServer, tmp_path: Path, recove
         reference = reference_trace(chaos_server, work, tmp_path)
         methods = [*KILL_METHODS, "rollback"] if recovery == "rollback" else list(KILL_METHODS)
         plans = [random_kill_plan(rng, methods=methods, max_occurrence=8) for _ in range(rng.randint(1, 3))]
-        story = crash_and_recover(chaos_server, work, tmp_path, rng, recovery, plans)
+        story = crash_and_recover(chaos_server, work, tmp_path, recovery, plans)
         verify(chaos_server, work, reference, story)
 
 
@@ -134,7 +133,7 @@ def test_kill_at_each_point(chaos_server: RedisServer, tmp_path: Path, method: s
         work = Workload(run_id=f"point-{method}-{where}-{recovery}", seed=11)
         reference = reference_trace(chaos_server, work, tmp_path)
         plan = KillPlan(method, where, 3)
-        story = crash_and_recover(chaos_server, work, tmp_path, random.Random(0), recovery, [plan])
+        story = crash_and_recover(chaos_server, work, tmp_path, recovery, [plan])
         assert "exit -9" in story[0], f"the kill point {plan} was never reached: {story}"
         verify(chaos_server, work, reference, story)
 
@@ -148,7 +147,7 @@ def test_kill_during_rollback_then_resume(chaos_server: RedisServer, tmp_path: P
         KillPlan("rollback", "inflight", 1),
         KillPlan("rollback", "after", 1),
     ]
-    story = crash_and_recover(chaos_server, work, tmp_path, random.Random(0), "rollback", plans)
+    story = crash_and_recover(chaos_server, work, tmp_path, "rollback", plans)
     assert [s.endswith("exit -9") for s in story] == [True, True, True, False], story
     verify(chaos_server, work, reference, story)
 

@@ -253,17 +253,23 @@ def test_running_loader_detects_everysec_loss(everysec_server: RedisServer, tmp_
         TALLY.aof_truncations += 1
         server.start()
         TALLY.redis_restarts += 1
-        try:
-            batch = [int(i) for i in next(it)["i"]]
-        except Exception as exc:  # the loss is reported: fine, if it names the lost steps
-            message = str(exc)
-            assert "lost" in message.lower() and "3" in message and "4" in message, message
-            TALLY.loss_windows_detected += 1
-            return
-        assert batch not in seen, (
-            f"after the store lost steps 3..4 the loader silently re-delivered a batch "
-            f"it had already committed: {batch}"
-        )
+        # go on training: either the loss is reported (naming the lost steps) before a committed batch
+        # comes again, or no batch comes twice at all
+        for _ in range(2 * STEPS):  # bounded: at most the rest of the epoch and the next one
+            try:
+                batch = [int(i) for i in next(it)["i"]]
+            except StopIteration:
+                break
+            except Exception as exc:
+                message = str(exc)
+                assert "lost" in message.lower() and "3" in message and "4" in message, message
+                TALLY.loss_windows_detected += 1
+                return
+            assert batch not in seen, (
+                f"after the store lost steps 3..4 the loader silently re-delivered a batch "
+                f"it had already committed: {batch} (seen {seen})"
+            )
+            seen.append(batch)
     finally:
         loader.close()
 

@@ -189,7 +189,7 @@ def consume_competing(
     so a replacement consumer's first claim expires the leases of every older generation (a steal)."""
     import time
 
-    from pr_loader.errors import LeaseLost, NoStepReady, StepStateError, StoreError
+    from pr_loader.errors import LeaseLost, NoStepReady, StepStateError
 
     work = Workload(**work_dict)
     killer = Killer(kill, channel=channel)
@@ -208,11 +208,9 @@ def consume_competing(
             except NoStepReady:
                 time.sleep(0.005)  # other consumers hold the last steps; they commit or get stolen
                 continue
-            except StoreError as exc:
-                if "is gone" not in str(exc):
-                    raise
-                # the step was stolen between the claim script and the payload read: a lost lease in
-                # disguise (docs/BUGS-chaos.md #10, pinned by test_lease.py::test_claim_racing_...)
+            except LeaseLost:
+                # the step was stolen between the claim script and the payload read (docs/BUGS-chaos.md
+                # #10, pinned by test_lease.py::test_claim_racing_a_lease_steal_...)
                 continue
             if claimed is None:
                 return

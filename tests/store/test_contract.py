@@ -399,3 +399,14 @@ def test_delete_run_removes_every_key(store: BatchStore, client: redis.Redis) ->
     assert store.delete_run() > 5
     assert not list(client.scan_iter(match=store.keys.scan_pattern()))
     assert other.is_materialised(0)
+
+
+def test_scripts_flushed_from_the_server_are_loaded_again(store: BatchStore, client: redis.Redis) -> None:
+    claimed = store.claim("c", 10, now=0)
+    assert claimed is not None
+    client.script_flush()  # like a restarted server: every EVALSHA meets NOSCRIPT once
+    store.postpone(0, "c", [(claimed.rows[0].ref, b"x")], 1, now=0)  # the one-round-trip pipeline path
+    client.script_flush()
+    store.commit(0, "c", now=0)
+    assert store.read_rows(1)[0].payload == b"x"
+    assert not list(client.scan_iter(match=store.keys.prefix + "stage:*"))

@@ -1,0 +1,66 @@
+"""The loader's fast paths: zero-copy decode under default_collate, commits sent in the background."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.utils.data as tud
+
+import pr_loader.dataloader as prl
+from pr_loader.errors import LeaseLost
+from pr_loader.server import FAKE_URL
+from tests.loader.conftest import assert_same_epochs
+from tests.servers import RedisServer
+
+DATA = [{"x": torch.arange(4) + 10 * i, "y": torch.full((2, 3), float(i)), "i": i} for i in range(24)]
+B = 4
+
+
+def test_default_collate_batches_are_private_and_writable() -> None:
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=FAKE_URL)
+    first = list(loader)
+    for batch in first:  # stacked copies: writing them changes nothing stored
+        batch["x"].add_(1000)
+        batch["y"].mul_(-1)
+    assert_same_epochs([list(tud.DataLoader(DATA, batch_size=B))], [list(loader)])
+
+
+def test_other_collate_functions_get_owning_tensors() -> None:
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=FAKE_URL, collate_fn=list)
+    for batch in loader:
+        for sample in batch:
+            sample["x"].add_(1)  # writable, and private: the next epoch reads the stored values
+    again = [s["x"][0].item() for batch in loader for s in batch]
+    assert again == [10 * i for i in range(24)]
+
+
+def test_commit_is_sent_in_the_background_and_its_error_raised_later(redis_server: RedisServer) -> None:
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url, consumer_id="c")
+    it = iter(loader)
+    next(it)  # step 0
+    next(it)  # commits step 0 in the background
+    assert loader.state_dict()["step"] == 1  # waits for that commit, then commits step 1
+    next(it)  # step 2
+    store = loader.source.shard().store
+    deadline = time.monotonic() + 10
+    while loader.source.inflight_mine() != [2, 3, 4] and time.monotonic() < deadline:
+        time.sleep(0.01)  # the claims ahead are done: none of them can take step 2 back
+    store.renew(2, "c", 1e-3, now=time.time() - 3600)  # step 2's lease runs out ...
+    taken = store.claim("d", 60)  # ... and another consumer takes it over (in one atomic claim)
+    assert taken is not None and taken.step == 2
+    next(it)  # hands step 3 out at once; committing step 2 fails meanwhile
+    with pytest.raises(LeaseLost):
+        loader.state_dict()
+    loader.close()
+
+
+def test_close_waits_for_the_background_commit(redis_server: RedisServer) -> None:
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url)
+    it = iter(loader)
+    got: list[Any] = [next(it), next(it)]
+    loader.close()
+    assert loader.source.position()[1] == 0  # step 0 committed, step 1 still in flight
+    assert len(got) == 2
