@@ -4,8 +4,8 @@ Every argument of torch's loader is accepted with the same name, order and defau
 itself. For a map-style dataset and ``linked=False`` it yields exactly what torch's loader yields (values,
 dtypes, containers, order, and the random numbers it draws): each epoch's plan is drawn from torch's own
 sampler objects (:mod:`pr_loader.plan`) and stored in Redis; steps are materialised lazily
-(``dataset[i]`` -> codec -> Redis), claimed, decoded and collated with the user's ``collate_fn``. Background
-threads work ahead: with ``FixedBatch`` step k + 1 is decoded and collated, k + 2 claimed and k + 3
+(``dataset[i]`` -> codec -> Redis), claimed, decoded and collated with the user's ``collate_fn``. A background
+thread works ahead: with ``FixedBatch`` step k + 1 is decoded and collated, k + 2 claimed and k + 3
 materialised while the caller works on step k (an error of a later step is raised at that step's turn);
 with a postponing policy only step k + 1 is materialised ahead (its rows are final only when it is claimed,
 so rows postponed into it while the caller works still arrive there). With the in-process fakeredis store
@@ -102,16 +102,17 @@ _END = object()
 
 
 class _Background:
-    """One background task at a time: work on step k + 1 while the caller works on step k. Runs tasks
-    inline when not ``threaded`` (the in-process fakeredis store is not safe for concurrent scripts)."""
+    """One background task at a time of one pipeline stage. Stages share one worker thread, so their tasks
+    run one after the other in submission order: on a couple of cores, I/O threads competing for the GIL
+    with a decoding thread stall each other (every socket read waits out the switch interval). Runs tasks
+    inline when ``pool`` is None (the in-process fakeredis store is not safe for concurrent scripts)."""
 
-    def __init__(self, threaded: bool) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr_loader-ahead")
-        self.threaded = threaded
+    def __init__(self, pool: ThreadPoolExecutor | None) -> None:
+        self.pool = pool
         self.future: Future[Any] | None = None
 
     def start(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self.threaded:
+        if self.pool is not None:
             self.future = self.pool.submit(fn, *args)
             return
         self.future = Future()
@@ -123,9 +124,6 @@ class _Background:
     def wait(self) -> Any:
         future, self.future = self.future, None
         return None if future is None else future.result()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
 
 
 class _LoaderIter:
@@ -143,10 +141,12 @@ class _LoaderIter:
         self.done = False
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
         threaded = not source.in_process()
-        self.background = _Background(threaded)
-        self.claimer = _Background(threaded)
-        self.materialiser = _Background(threaded)
-        self.committer = _Background(threaded)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr_loader-ahead") if threaded else None
+        self.background = _Background(self.pool)
+        self.claim_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr_loader-claim") if threaded else None
+        self.claimer = _Background(self.claim_pool)
+        self.materialiser = _Background(self.pool)
+        self.committer = _Background(self.pool)
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
             self.steps = self._ordered(self._from_workers())
@@ -175,7 +175,7 @@ class _LoaderIter:
 
     def _claimed_ahead(self) -> Iterator[tuple[int, Any]]:
         """FixedBatch, a three-stage pipeline: while the caller works on step k, step k + 1 is decoded and
-        collated, step k + 2 claimed and step k + 3 materialised, each in its own background thread."""
+        collated, step k + 2 claimed and step k + 3 materialised, in that order, by the background thread."""
         claims, claimer, builder = self.source.claim_steps(self.epoch), self.claimer, self.background
         claimer.start(next, claims, _END)
         previous: ClaimedStep | None = None
@@ -300,8 +300,8 @@ class _LoaderIter:
     def __del__(self) -> None:  # an abandoned iterator: stop its threads without waiting for them
         if hasattr(self, "heartbeat"):
             self.heartbeat.stop()
-            for stage in (self.claimer, self.materialiser, self.background, self.committer):
-                stage.pool.shutdown(wait=False)
+            if self.pool is not None:
+                self.pool.shutdown(wait=False)
 
     def close(self, *, finished: bool = False) -> None:
         """Stop the heartbeat, background work and (unless the epoch finished and they persist) the worker
@@ -314,10 +314,10 @@ class _LoaderIter:
             self.committer.wait()
         except Exception:  # close() must not fail; the step stays in flight and comes again
             logger.warning("committing the step before the last one failed", exc_info=True)
-        self.claimer.close()
-        self.materialiser.close()
-        self.background.close()
-        self.committer.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        if self.claim_pool is not None:
+            self.claim_pool.shutdown(wait=True)
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):
             _stop_workers(self.worker_iter)
             self.loader._workers = None

@@ -451,7 +451,10 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         """Claim the steps of ``epoch`` (and requeued older ones) until the epoch is exhausted."""
         shard = self.shard()
         epoch_end = (epoch + 1) * self.steps_per_epoch
+        last = -1
         while True:
+            if last == epoch_end - 1 and self._epoch_exhausted(epoch_end):
+                return  # a claim would take (and fetch the rows of) the next epoch's first step
             try:
                 claimed = shard.store.claim(self.consumer_id, self.lease_seconds)
             except NeedsMaterialisation as need:
@@ -466,7 +469,13 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             if claimed.step >= epoch_end:  # materialised earlier (before a rollback): give it back
                 self._unclaim(claimed.step)
                 return
+            last = claimed.step
             yield claimed
+
+    def _epoch_exhausted(self, epoch_end: int) -> bool:
+        """Whether the cursor passed the epoch and nothing of it is requeued (one small read)."""
+        next_step, _, requeued = self.position()
+        return next_step >= epoch_end and not any(s < epoch_end for s in requeued)
 
     def commit(self, step: int) -> None:
         """Commit ``step`` for this consumer (and wait for the fsync when durability needs it)."""

@@ -225,6 +225,8 @@ class KillPlan:
 
 
 KILL_WHERE = ("before", "inflight", "after")
+# RESP bulk strings of the commands that run a script or a transaction (redis-py sends names upper case)
+_SCRIPT_COMMANDS = (b"$7\r\nEVALSHA\r\n", b"$4\r\nEVAL\r\n", b"$5\r\nFCALL\r\n", b"$4\r\nEXEC\r\n")
 KILL_METHODS = ("claim", "prefetch", "postpone", "commit", "materialise", "checkpoint")
 
 
@@ -329,15 +331,14 @@ class Killer:
         def send_packed_command(conn: Any, command: Any, check_health: bool = True) -> Any:
             result = orig_send(conn, command, check_health)
             parts = [command] if isinstance(command, (bytes, str)) else list(command)
-            head = b"".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)[:64].upper()
-            killer._local.last_sent = head
+            packed = b"".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
+            # a script may ride at the end of a pipeline (payloads staged first): look at every command name
+            killer._local.sent_script = any(name in packed for name in _SCRIPT_COMMANDS)
             return result
 
         def read_response(conn: Any, *args: Any, **kwargs: Any) -> Any:
             local = killer._local
-            if getattr(local, "armed", False) and any(
-                cmd in getattr(local, "last_sent", b"") for cmd in (b"EVALSHA", b"EVAL", b"FCALL", b"EXEC")
-            ):
+            if getattr(local, "armed", False) and getattr(local, "sent_script", False):
                 local.armed = False
                 killer.fire()
             return orig_read(conn, *args, **kwargs)

@@ -285,6 +285,7 @@ def test_training_through_a_proxy_that_drops_replies(
         seed = rng.randrange(1 << 30)
         reference = _reference(chaos_server, tmp_path, seed)
         drops_before = proxy.stats.drops
+        proxy.drop_reply_after(b"EVALSHA")  # at least one per run, then at random
         proxy.drop_replies_randomly(b"EVALSHA", 0.1, rng)
         ckpt = tmp_path / f"drops-{it}.json"
         result = run_child(train, proxy.url, f"loader-drops-{it}", str(ckpt), seed)
