@@ -85,6 +85,7 @@ _CODE_TO_TORCH: dict[int, torch.dtype] = {
     if isinstance(dt := getattr(torch, name, None), torch.dtype)
 }
 _TORCH_TO_CODE: dict[torch.dtype, int] = {dt: code for code, dt in _CODE_TO_TORCH.items()}
+_CODE_TO_ITEMSIZE: dict[int, int] = {code: dt.itemsize for code, dt in _CODE_TO_TORCH.items()}
 _NP_KINDS = frozenset("biufcmMSU")  # raw-bytes numpy kinds; "O" is handled element by element
 _PICKLE_REFUSED = "payload holds pickled objects; decode with allow_pickle=True only if you trust it"
 _PLAIN_TYPES = (type(None), bool, int, float, str, bytes, bytearray, memoryview)
@@ -362,13 +363,14 @@ class _Decoder:
         if len(data) != _TENSOR_HEAD.size + 8 * ndim:
             raise CodecError("corrupt payload: tensor record of the wrong size")
         shape = _shape(data, _TENSOR_HEAD.size, ndim)
-        nbytes = math.prod(shape) * dtype.itemsize
+        count = math.prod(shape)
+        nbytes = count * _CODE_TO_ITEMSIZE[code]
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         if offset + nbytes > self.raw.nbytes:
             self.check_raw(offset, nbytes)
         if not self.copy:  # a view of the payload (it keeps the payload alive)
-            t = torch.frombuffer(self.raw, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+            t = torch.frombuffer(self.raw, dtype=dtype, count=count, offset=offset)
         elif nbytes < _SMALL_COPY:  # a private bytearray is the cheapest writable buffer for small tensors
             t = torch.frombuffer(bytearray(self.raw[offset : offset + nbytes]), dtype=dtype)
         else:
@@ -425,7 +427,7 @@ def decode(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False, 
         view = memoryview(data).cast("B")
     except (TypeError, ValueError) as exc:
         raise CodecError(f"expected bytes, got {type(data).__name__}") from exc
-    if len(view) < _HEADER.size or view[:4] != MAGIC:
+    if len(view) < _HEADER.size or _HEADER.unpack_from(view)[0] != MAGIC:
         raise CodecError(f"not a pr_loader codec payload (starts with {bytes(view[:8])!r})")
     _, version, flags, skeleton_len = _HEADER.unpack_from(view)
     if version != FORMAT_VERSION:

@@ -307,6 +307,12 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             client = open_client(self.redis_url)
             if self.durability is not None:
                 self.wait_durable = check_durability(client, self.durability).needs_wait
+                if self.wait_durable and not isinstance(client, redis.Redis):
+                    raise ConfigError(
+                        f"durability={self.durability!r} needs a WAITAOF after each commit, which pr_loader "
+                        "does not issue through a Redis Cluster client (it waits on the writing connection "
+                        "only): set 'appendfsync always' on every cluster node instead"
+                    )
             store = BatchStore.open(client, self.run_config(), create=self.create_run)
             keys = ShardKeys.for_shard(self.run_id, self.rank)
             shard = _Shard(os.getpid(), client, store, PlanStore(client, keys.prefix), keys)
@@ -443,7 +449,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         now = time.time()
         try:
             store.renew(step, self.consumer_id, 1e-3, now=now - _PAST)
-        except LeaseLost:
+        except (LeaseLost, StepStateError):  # another consumer expired or took it meanwhile
             return
         store.expire_leases(now=now)
 
@@ -481,7 +487,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         """Commit ``step`` for this consumer (and wait for the fsync when durability needs it)."""
         shard = self.shard()
         shard.store.commit(step, self.consumer_id)
-        if self.wait_durable and isinstance(shard.client, redis.Redis):
+        if self.wait_durable and isinstance(shard.client, redis.Redis):  # clusters refused in shard()
             wait_durable(shard.client)
 
     def session(self, step: int) -> StepSession:

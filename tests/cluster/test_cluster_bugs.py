@@ -1,7 +1,7 @@
 """Defects found while running the store and the loader on a Redis Cluster.
 
-Each test states the contract it checks and is marked ``xfail(strict=True)``: it fails today, and the suite
-reports XPASS (an error) once the code is fixed, so the marker must then be removed.
+Each test states the contract it checks. Open defects are marked ``xfail(strict=True)``: the suite reports
+XPASS (an error) once the code is fixed, so the marker must then be removed; fixed ones stay as regression tests.
 """
 
 from __future__ import annotations
@@ -41,10 +41,6 @@ def run_id_off_the_default_node(client: RedisCluster) -> tuple[str, str]:
     raise AssertionError("every shard landed on the default node")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "batch_store.py:466 stats() reads INFO memory through the RedisCluster client, which asks its default "
-    "node, not the master that holds the shard"
-))  # fmt: skip
 def test_stats_memory_is_the_shard_masters(cluster: LocalCluster, cluster_client: RedisCluster) -> None:
     run_id, node = run_id_off_the_default_node(cluster_client)
     store = BatchStore.open(cluster_client, config(run_id))
@@ -65,10 +61,6 @@ def test_stats_memory_is_the_shard_masters(cluster: LocalCluster, cluster_client
         store.delete_run()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "batch_store.py:62 _address() reads connection_pool.connection_kwargs, which a RedisCluster lacks: "
-    "errors say 'Redis at RedisCluster' instead of naming host:port"
-))  # fmt: skip
 def test_store_error_names_the_masters_address(cluster: LocalCluster, cluster_client: RedisCluster) -> None:
     run_id, node = run_id_off_the_default_node(cluster_client)
     store = BatchStore.open(cluster_client, config(run_id))
@@ -85,11 +77,6 @@ def test_store_error_names_the_masters_address(cluster: LocalCluster, cluster_cl
     assert node in str(info.value) or seed in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "dataset.py:473 commit() waits for the fsync (WAITAOF) only on a redis.Redis client: on a RedisCluster "
-    "with durability='always' via WAITAOF (Redis >= 7.2, appendfsync everysec) commits are not made durable "
-    "and nothing says so"
-))  # fmt: skip
 def test_always_durability_is_honoured_or_refused_on_a_cluster(
     cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -117,10 +104,6 @@ def test_always_durability_is_honoured_or_refused_on_a_cluster(
     assert len(waits) >= 4, f"{len(waits)} fsync waits for 4 commits"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "dataset.py:446 _unclaim() catches only LeaseLost, but renew() of a step whose lease another consumer "
-    "expired meanwhile raises StepStateError ('not in flight'), so iter() fails"
-))  # fmt: skip
 def test_iter_survives_a_step_expired_by_another_consumer_meanwhile(
     cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,8 +114,8 @@ def test_iter_survives_a_step_expired_by_another_consumer_meanwhile(
 
     dead = make()  # a process that took a batch (and claimed ahead), then died
     first = next(iter(dead))
+    dead.close()  # stops its background claims; what it still holds is now fixed
     held = dead.source.inflight_mine()
-    dead.close()
     assert 0 in held
     successor = make()  # same run and consumer id: its iter() gives the predecessor's steps back first
     try:
