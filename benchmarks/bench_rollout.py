@@ -50,7 +50,6 @@ from pr_loader.rollout import (
     TinyConfig,
     TorchEngine,
 )
-from pr_loader.server import FAKE_URL
 
 
 @dataclass
@@ -96,7 +95,7 @@ def torch_setting(scale: int, device: str) -> Setting:
 
 
 def run_mode(
-    setting: Setting, policy: Policy, oversample: int, redis_url: str, timeline: TextIO | None = None
+    setting: Setting, policy: Policy, oversample: int, redis_url: str | None, timeline: TextIO | None = None
 ) -> dict[str, float]:
     """One epoch in one mode; returns the run summary. ``timeline``: a text file for the slot spans."""
     n = setting.batch_size * setting.steps
@@ -170,7 +169,10 @@ def main() -> None:
     parser.add_argument("--only", choices=["april", "verl", "torch"], action="append")
     parser.add_argument("--device", default="cpu", help="TorchEngine device (cpu, cuda)")
     parser.add_argument("--torch-scale", type=int, default=1, help="multiply the torch setting's batch")
-    parser.add_argument("--redis-url", default=FAKE_URL)
+    parser.add_argument(
+        "--redis-url", default=None, help="default: the embedded (real) redis-server; fakeredis:// in-process"
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
     parser.add_argument("--repeats", type=int, default=3, help="torch setting: alternating runs per mode")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: stable on shared boxes)"
@@ -179,7 +181,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = {
         "april": simulated(
-            "APRIL-like (sim, 16k)", batch=256, over=64, max_tokens=16384, median=500, p99=5000, steps=30
+            "APRIL-like (sim, 16k)", batch=256, over=64, max_tokens=16384, median=500, p99=5000,
+            steps=8 if args.quick else 30,
         ),
         "verl": simulated(
             "verl-like long ctx (sim, 28k)",
@@ -188,7 +191,7 @@ def main() -> None:
             max_tokens=28672,
             median=1500,
             p99=15000,
-            steps=20,
+            steps=6 if args.quick else 20,
         ),
         "torch": torch_setting(args.torch_scale, args.device),
     }
@@ -203,7 +206,8 @@ def main() -> None:
     timeline = open(args.timeline, "w", encoding="utf-8") if args.timeline else None  # noqa: SIM115
     for key in args.only or list(settings):
         setting = settings[key]
-        repeats = args.repeats if key == "torch" else 1  # wall-clock timings: alternate and take the median
+        # wall-clock timings (torch): alternate the modes and take the median
+        repeats = (1 if args.quick else args.repeats) if key == "torch" else 1
         runs: dict[str, list[dict[str, float]]] = {"sync": [], "partial": []}
         for rep in range(repeats):
             spans = timeline if rep == 0 else None

@@ -123,6 +123,10 @@ def _payload_count(client: Any) -> int:
     return int(client.hlen(f"prl:{{{RUN}:0}}:payloads"))
 
 
+def _step_keys(client: Any, kind: str) -> list[str]:
+    return [k.decode() for k in client.scan_iter(match=f"prl:{{{RUN}:0}}:{kind}:*", count=1000)]
+
+
 def _key_kinds(client: Any) -> Counter[str]:
     kinds: Counter[str] = Counter()
     for key in client.scan_iter(match=f"prl:{{{RUN}:0}}:*", count=1000):
@@ -232,6 +236,15 @@ def test_soak(soak_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFi
     assert peak_payloads <= payload_bound, f"payloads {peak_payloads} > {payload_bound}; {line}"
     # op results are kept (TTL one day) for retries: they must not grow with the number of steps either
     assert kinds["op"] <= live_steps * 4, f"{kinds['op']} op:<id> keys after {len(committed)} steps; {line}"
+    # nothing may stay behind for a garbage-collected step (keys without a TTL would stay for ever)
+    per_step = ("batch", "arrivals", "rows", "journal", "opids")
+    orphans = sorted(
+        key
+        for kind in per_step
+        for key in _step_keys(client, kind)
+        if int(key.rsplit(":", 1)[1]) < stats.gc_floor
+    )
+    assert not orphans, f"{len(orphans)} keys of collected steps (< {stats.gc_floor}): {orphans[:8]}; {line}"
     growth = used_end - used_warm
     assert growth <= 2_000_000, f"used_memory grew by {growth} bytes after the warm-up; {line}"
     client.close()

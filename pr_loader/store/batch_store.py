@@ -246,24 +246,39 @@ class BatchStore:
         return bool(state == b"inflight" and owner == consumer_id.encode())
 
     def _staged_script(self, name: str, op_id: str, payloads: list[bytes], *args: str) -> list[Any]:
-        """Upload payloads to stage:<op_id>:<i>, then run a script that adopts (or drops) them."""
+        """Upload payloads to stage:<op_id>:<i> and run a script that adopts (or drops) them. On a plain
+        server that is one round trip, a MULTI transaction (so no stage key is ever left without its TTL);
+        redis-py refuses MSET and EVALSHA in cluster pipelines, so a cluster gets SETs, then the script.
+        Payload bytes never enter Lua."""
         names = [self._keys.stage(op_id, i) for i in range(len(payloads))]
-        cluster = self._shard_node() is not None
+        script = self._scripts[name]
+        argv = [self._keys.prefix, op_id, *args]
 
-        def stage() -> None:
+        def staged() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
-            if names and not cluster:  # one MSET: under appendfsync always one big write = one fsync
-                pipe.mset(dict(zip(names, payloads)))
-                for name in names:
-                    pipe.expire(name, _STAGE_TTL)
-            else:  # redis-py refuses MSET in cluster pipelines
-                for name, payload in zip(names, payloads):
-                    pipe.set(name, payload, ex=_STAGE_TTL)
+            for stage, payload in zip(names, payloads):
+                pipe.set(stage, payload, ex=_STAGE_TTL)
             pipe.execute()
+            return list(script(keys=[self._keys.meta], args=argv))
 
+        def transaction() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            if names:  # one MSET: under appendfsync always one big write = one fsync
+                pipe.mset(dict(zip(names, payloads)))
+                for stage in names:
+                    pipe.expire(stage, _STAGE_TTL)
+            pipe.evalsha(script.sha, 1, self._keys.meta, *argv)
+            results = pipe.execute(raise_on_error=False)
+            errors = [r for r in results if isinstance(r, Exception)]
+            if isinstance(results[-1], redis.exceptions.NoScriptError) and len(errors) == 1:
+                return list(script(keys=[self._keys.meta], args=argv))  # loads it; the stages are in place
+            if errors:
+                raise errors[0]
+            return list(results[-1])
+
+        run = staged if self._shard_node() is not None else transaction
         for _ in range(3):
-            self._retrying(stage)
-            reply = self._script(name, op_id, *args)
+            reply = self._retrying(run)
             if reply[0] != b"restage":  # staged keys lost (e.g. a server restart without fsync): again
                 return reply
         raise StoreError(f"staged payloads of {name.lower()} keep disappearing at {self._address()}")

@@ -318,6 +318,8 @@ return {'ok'}
 
 # COMMIT: mark a leased step committed, raise committed_upto, then garbage-collect committed steps
 # g <= committed_upto - retain_steps - 1 (journal, rows, their payloads, superseded postponed versions).
+# The commit's own op result is filed under step + retain_steps + 1 (or the new gc_floor if higher), so a
+# retried commit still finds it after its step was collected, for another retain_steps + 1 steps.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now.
 # Returns {'ok'} | {'state', msg} | {'lease_lost', msg}.
 COMMIT = _LIB + r"""
@@ -361,7 +363,7 @@ while floor <= limit do
   floor = floor + 1
 end
 redis.call('HSET', K_META, 'gc_floor', floor)
-op_store(ARGV[2], 'ok', s)
+op_store(ARGV[2], 'ok', math.max(s + meta_num('retain_steps') + 1, floor))
 return {'ok'}
 """
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from pr_loader.store.batch_store import BatchStore
+from pr_loader.store.connection import connect
 from tests.chaos.helpers import (
     TALLY,
     KillPlan,
@@ -84,3 +86,41 @@ def test_competing_consumers_with_kills(chaos_server: RedisServer) -> None:
             committed_keys(trace), expected_keys(work.dataset_size, range(work.num_epochs))
         )
         assert report.ok, f"{report.describe()}; story {story}"
+
+
+PER_STEP_KINDS = ("batch", "arrivals", "rows", "journal", "opids")
+
+
+def keys_of_collected_steps(client: Any, prefix: str, floor: int) -> list[str]:
+    """Per-step keys (``<prefix><kind>:<step>``) of steps below the garbage-collection floor."""
+    left = []
+    for raw in client.scan_iter(match=f"{prefix}*", count=1000):
+        kind, _, step = raw.decode()[len(prefix) :].partition(":")
+        if kind in PER_STEP_KINDS and step.isdigit() and int(step) < floor:
+            left.append(raw.decode())
+    return sorted(left)
+
+
+def test_late_commit_leaves_nothing_of_collected_steps(chaos_server: RedisServer) -> None:
+    """Found by tests/test_soak.py: a step committed after later steps moved ``committed_upto`` past the
+    retained window is collected by its own commit; nothing of it may stay behind (per-step keys have no
+    TTL, so a leftover is a permanent leak)."""
+    work = Workload(run_id="late-commit-gc", seed=2, retain_steps=2)
+    client = connect(chaos_server.url)
+    try:
+        store = BatchStore.open(client, work.config())
+        for s in range(work.steps_per_epoch):
+            store.materialise(s, work.fresh_rows(s))
+        slow = store.claim("slow", 1000.0, now=0.0)
+        assert slow is not None and slow.step == 0
+        for _ in range(5):
+            fast = store.claim("fast", 1000.0, now=1.0)
+            assert fast is not None
+            store.commit(fast.step, "fast", now=1.0)
+        store.commit(0, "slow", now=2.0)  # commits step 0 and collects steps 0..2 in the same call
+        floor = store.stats().gc_floor
+        assert floor >= 1
+        left = keys_of_collected_steps(client, store.keys.prefix, floor)
+        assert left == [], f"keys of collected steps (< {floor}) left behind: {left}"
+    finally:
+        client.close()
