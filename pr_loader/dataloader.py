@@ -14,8 +14,8 @@ everything runs inline (its Lua runtime is not thread-safe).
 Commit points: a step is committed when the next one is requested (``next()``, the end of the epoch, or a
 new ``iter()`` of the same loader), or when :meth:`DataLoader.state_dict` is called. ``next()`` sends that
 commit from a background thread and hands the next batch out at once (a failed commit is raised by the
-following call; ``state_dict()``, the end of the epoch and a new ``iter()`` wait for it). A new ``iter()`` gives
-back steps claimed ahead and continues after the last committed step, so one ``iter()`` is the rest of one
+following call; ``state_dict()``, the end of the epoch and a new ``iter()`` wait for it). A new ``iter()``
+gives back steps claimed ahead and continues after the last committed step, so one ``iter()`` is the rest of one
 epoch: unlike torch, abandoning an iterator mid-epoch continues that epoch instead of starting a new one. A
 new process with the same ``run_id`` and ``consumer_id`` first gives back every in-flight step of its dead
 predecessor (the batch it was working on comes again). A heartbeat thread renews the leases of
@@ -101,11 +101,15 @@ class _Heartbeat:
 _END = object()
 
 
+def _pool(name: str) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+
 class _Background:
-    """One background task at a time of one pipeline stage. Stages share one worker thread, so their tasks
-    run one after the other in submission order: on a couple of cores, I/O threads competing for the GIL
-    with a decoding thread stall each other (every socket read waits out the switch interval). Runs tasks
-    inline when ``pool`` is None (the in-process fakeredis store is not safe for concurrent scripts)."""
+    """One background task at a time of one pipeline stage. Stages may share a worker thread (their tasks then
+    run in submission order): on a couple of cores, threads competing for the GIL stall each other (a socket
+    read waits out the switch interval behind a decoding thread). Runs tasks inline when ``pool`` is None
+    (the in-process fakeredis store is not safe for concurrent scripts)."""
 
     def __init__(self, pool: ThreadPoolExecutor | None) -> None:
         self.pool = pool
@@ -141,9 +145,11 @@ class _LoaderIter:
         self.done = False
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
         threaded = not source.in_process()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr_loader-ahead") if threaded else None
+        # two threads: claims (network-bound) overlap building (decode + collate); everything else queues
+        # behind the builds (one thread per stage would make I/O and decoding threads fight for the GIL)
+        self.pool = _pool("pr_loader-ahead") if threaded else None
+        self.claim_pool = _pool("pr_loader-claim") if threaded else None
         self.background = _Background(self.pool)
-        self.claim_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr_loader-claim") if threaded else None
         self.claimer = _Background(self.claim_pool)
         self.materialiser = _Background(self.pool)
         self.committer = _Background(self.pool)
@@ -300,8 +306,9 @@ class _LoaderIter:
     def __del__(self) -> None:  # an abandoned iterator: stop its threads without waiting for them
         if hasattr(self, "heartbeat"):
             self.heartbeat.stop()
-            if self.pool is not None:
-                self.pool.shutdown(wait=False)
+            for pool in (self.pool, self.claim_pool):
+                if pool is not None:
+                    pool.shutdown(wait=False)
 
     def close(self, *, finished: bool = False) -> None:
         """Stop the heartbeat, background work and (unless the epoch finished and they persist) the worker
@@ -314,10 +321,9 @@ class _LoaderIter:
             self.committer.wait()
         except Exception:  # close() must not fail; the step stays in flight and comes again
             logger.warning("committing the step before the last one failed", exc_info=True)
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-        if self.claim_pool is not None:
-            self.claim_pool.shutdown(wait=True)
+        for pool in (self.pool, self.claim_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):
             _stop_workers(self.worker_iter)
             self.loader._workers = None
