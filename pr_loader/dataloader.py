@@ -15,9 +15,9 @@ Commit points: a step is committed when the next one is requested (``next()``, t
 new ``iter()`` of the same loader), or when :meth:`DataLoader.state_dict` is called. ``next()`` sends that
 commit from a background thread and hands the next batch out at once (a failed commit is raised by the
 following call; ``state_dict()``, the end of the epoch and a new ``iter()`` wait for it). A new ``iter()``
-gives back steps claimed ahead and continues after the last committed step, so one ``iter()`` is the rest of one
-epoch: unlike torch, abandoning an iterator mid-epoch continues that epoch instead of starting a new one. A
-new process with the same ``run_id`` and ``consumer_id`` first gives back every in-flight step of its dead
+gives back steps claimed ahead and continues after the last committed step, so one ``iter()`` is the rest of
+one epoch: unlike torch, abandoning an iterator mid-epoch continues that epoch instead of starting a new one.
+A new process with the same ``run_id`` and ``consumer_id`` first gives back every in-flight step of its dead
 predecessor (the batch it was working on comes again). A heartbeat thread renews the leases of
 claimed-not-committed steps every ``lease_seconds / 3``.
 
@@ -145,13 +145,13 @@ class _LoaderIter:
         self.done = False
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
         threaded = not source.in_process()
-        # two threads: claims (network-bound) overlap building (decode + collate); everything else queues
-        # behind the builds (one thread per stage would make I/O and decoding threads fight for the GIL)
-        self.pool = _pool("pr_loader-ahead") if threaded else None
+        # two threads: one claims (then materialises ahead), one builds (then commits); one thread per stage
+        # would make I/O and decoding threads fight for the GIL
+        self.pool = _pool("pr_loader-build") if threaded else None
         self.claim_pool = _pool("pr_loader-claim") if threaded else None
         self.background = _Background(self.pool)
         self.claimer = _Background(self.claim_pool)
-        self.materialiser = _Background(self.pool)
+        self.materialiser = _Background(self.claim_pool)
         self.committer = _Background(self.pool)
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
@@ -180,34 +180,30 @@ class _LoaderIter:
         return self.loader._pin(item)
 
     def _claimed_ahead(self) -> Iterator[tuple[int, Any]]:
-        """FixedBatch, a three-stage pipeline: while the caller works on step k, step k + 1 is decoded and
-        collated, step k + 2 claimed and step k + 3 materialised, in that order, by the background thread."""
-        claims, claimer, builder = self.source.claim_steps(self.epoch), self.claimer, self.background
-        claimer.start(next, claims, _END)
-        previous: ClaimedStep | None = None
+        """FixedBatch, a pipeline: each claim hands its step to the builder as soon as it lands, so while the
+        caller works on step k, step k + 1 is claimed, then decoded and collated, and step k + 2
+        materialised; a step is handed out as soon as it is built (the first of an epoch too)."""
+        claims, claimer = self.source.claim_steps(self.epoch), self.claimer
+        claimer.start(self._claim_and_build, claims)
         while True:
-            try:
-                claimed = claimer.wait()
-            except Exception:  # an error of a later step: the batch before it is handed out first
-                yield from self._built(previous)
-                raise
+            claimed, built = claimer.wait()  # an error of a later step: raised at that step's turn
             if claimed is _END:
-                break
-            ready = self._built(previous)  # wait for step k, start the stages for k + 1.., then hand k out
-            builder.start(self._build, claimed)
+                return
             self.materialiser.wait()  # the step about to be claimed is written (or being written by no one)
-            claimer.start(next, claims, _END)
+            claimer.start(self._claim_and_build, claims)
             if self.in_epoch(claimed.step + 2):  # (a requeued old step has nothing ahead to write)
                 self.materialiser.start(self._materialise_ahead, claimed.step + 2)
-            yield from ready
-            previous = claimed
-        yield from self._built(previous)
+            item = built.wait()
+            if not isinstance(item, EmptyStep):
+                yield claimed.step, item
 
-    def _built(self, previous: ClaimedStep | None) -> list[tuple[int, Any]]:
-        """The built batch of ``previous`` (none for an empty step), waiting for the builder."""
-        if previous is None or isinstance(item := self.background.wait(), EmptyStep):
-            return []
-        return [(previous.step, item)]
+    def _claim_and_build(self, claims: Iterator[ClaimedStep]) -> tuple[Any, _Background]:
+        """Claim the next step and queue its build at once (in the claim thread)."""
+        claimed = next(claims, _END)
+        built = _Background(self.pool)
+        if claimed is not _END:
+            built.start(self._build, claimed)
+        return claimed, built
 
     def _materialise_ahead(self, step: int) -> None:
         """Best effort: a failure is raised later, by the claim that needs the step, at its turn."""
@@ -321,7 +317,7 @@ class _LoaderIter:
             self.committer.wait()
         except Exception:  # close() must not fail; the step stays in flight and comes again
             logger.warning("committing the step before the last one failed", exc_info=True)
-        for pool in (self.pool, self.claim_pool):
+        for pool in (self.claim_pool, self.pool):  # a claim may still queue a build
             if pool is not None:
                 pool.shutdown(wait=True)
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):

@@ -247,9 +247,10 @@ class BatchStore:
 
     def _staged_script(self, name: str, op_id: str, payloads: list[bytes], *args: str) -> list[Any]:
         """Upload payloads to stage:<op_id>:<i> and run a script that adopts (or drops) them. On a plain
-        server that is one round trip, a MULTI transaction (so no stage key is ever left without its TTL);
-        redis-py refuses MSET and EVALSHA in cluster pipelines, so a cluster gets SETs, then the script.
-        Payload bytes never enter Lua."""
+        server that is one round trip: one MULTI transaction of MSET + EVAL (the script text, so it can never
+        meet NOSCRIPT and leave the stages behind; the server caches it by SHA). redis-py refuses MSET and
+        EVAL in cluster pipelines, so a cluster gets SETs with a TTL, then the script. Payload bytes never
+        enter Lua."""
         names = [self._keys.stage(op_id, i) for i in range(len(payloads))]
         script = self._scripts[name]
         argv = [self._keys.prefix, op_id, *args]
@@ -265,16 +266,8 @@ class BatchStore:
             pipe = self._client.pipeline(transaction=True)
             if names:  # one MSET: under appendfsync always one big write = one fsync
                 pipe.mset(dict(zip(names, payloads)))
-                for stage in names:
-                    pipe.expire(stage, _STAGE_TTL)
-            pipe.evalsha(script.sha, 1, self._keys.meta, *argv)
-            results = pipe.execute(raise_on_error=False)
-            errors = [r for r in results if isinstance(r, Exception)]
-            if isinstance(results[-1], redis.exceptions.NoScriptError) and len(errors) == 1:
-                return list(script(keys=[self._keys.meta], args=argv))  # loads it; the stages are in place
-            if errors:
-                raise errors[0]
-            return list(results[-1])
+            pipe.eval(script.script, 1, self._keys.meta, *argv)
+            return list(pipe.execute()[-1])
 
         run = staged if self._shard_node() is not None else transaction
         for _ in range(3):

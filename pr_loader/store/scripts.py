@@ -225,7 +225,8 @@ return {'created'}
 # MATERIALISE: store the fresh batch of a step once; payload i was staged at stage:<op_id>:<i>.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4..] refs "<e>:<i>:0:-".
 # Returns {'ok', 1} when written, {'ok', 0} when the step was already materialised, claimed or collected
-# (the staged payloads are dropped), {'restage'} when a staged payload is missing (nothing changed).
+# (the staged payloads are dropped), {'restage'} when a staged payload is missing (the others are dropped,
+# nothing else changed).
 MATERIALISE = _LIB + r"""
 local op_id, s = ARGV[2], tonumber(ARGV[3])
 if op_result(op_id) then return {'ok', 1} end  -- a retry of the call that wrote it
@@ -235,7 +236,10 @@ if redis.call('HEXISTS', K_MAT, s) == 1 or claimed(s) then
   drop_staged(op_id, #refs)
   return {'ok', 0}
 end
-if not all_staged(op_id, #refs) then return {'restage'} end
+if not all_staged(op_id, #refs) then
+  drop_staged(op_id, #refs)
+  return {'restage'}
+end
 adopt_staged(op_id, refs)
 redis.call('DEL', P .. 'batch:' .. s)
 push_all('RPUSH', P .. 'batch:' .. s, refs)
@@ -372,7 +376,7 @@ return {'ok'}
 # ARGV[6] target, ARGV[7..] old ref, new ref pairs; the new payload of pair i was staged at stage:<op_id>:<i>.
 # Staged payloads are adopted on success and dropped on refusal or replay.
 # Returns {'ok'} | {'state', msg} | {'lease_lost', msg} | {'target', msg} | {'missing', refs} |
-# {'restage'} (a staged payload is missing; nothing changed).
+# {'restage'} (a staged payload is missing; the others are dropped, nothing else changed).
 POSTPONE = _LIB + r"""
 local op_id, s, t = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[6])
 local n = (#ARGV - 6) / 2
@@ -393,7 +397,7 @@ for i = 7, #ARGV, 2 do
   if not redis.call('LPOS', rk, ARGV[i]) then missing[#missing + 1] = ARGV[i] end
 end
 if #missing > 0 then return refuse({'missing', missing}) end
-if not all_staged(op_id, n) then return {'restage'} end
+if not all_staged(op_id, n) then return refuse({'restage'}) end
 local news, words = {}, {t}
 for i = 7, #ARGV, 2 do
   redis.call('LREM', rk, 1, ARGV[i])

@@ -1,7 +1,8 @@
 """Defects found while running the store and the loader on a Redis Cluster.
 
-Each test states the contract it checks. Open defects are marked ``xfail(strict=True)``: the suite reports
-XPASS (an error) once the code is fixed, so the marker must then be removed; fixed ones stay as regression tests.
+Each test states the contract it checks. Open defects are marked ``xfail(strict=True)``: the suite
+reports XPASS (an error) once the code is fixed, so the marker must then be removed; fixed ones stay as
+regression tests.
 """
 
 from __future__ import annotations
