@@ -5,8 +5,8 @@ itself. For a map-style dataset and ``linked=False`` it yields exactly what torc
 dtypes, containers, order, and the random numbers it draws): each epoch's plan is drawn from torch's own
 sampler objects (:mod:`pr_loader.plan`) and stored in Redis; steps are materialised lazily
 (``dataset[i]`` -> codec -> Redis), claimed, decoded and collated with the user's ``collate_fn``. A background
-thread works ahead: with ``FixedBatch`` step k + 1 is decoded and collated, k + 2 claimed and k + 3
-materialised while the caller works on step k (an error of a later step is raised at that step's turn);
+thread works ahead: with ``FixedBatch`` step k + 1 is claimed, decoded and collated and k + 2 materialised
+while the caller works on step k (an error of a later step is raised at that step's turn);
 with a postponing policy only step k + 1 is materialised ahead (its rows are final only when it is claimed,
 so rows postponed into it while the caller works still arrive there). With the in-process fakeredis store
 everything runs inline (its Lua runtime is not thread-safe).
@@ -101,15 +101,10 @@ class _Heartbeat:
 _END = object()
 
 
-def _pool(name: str) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-
-
 class _Background:
-    """One background task at a time of one pipeline stage. Stages may share a worker thread (their tasks then
-    run in submission order): on a couple of cores, threads competing for the GIL stall each other (a socket
-    read waits out the switch interval behind a decoding thread). Runs tasks inline when ``pool`` is None
-    (the in-process fakeredis store is not safe for concurrent scripts)."""
+    """One background task at a time of one pipeline stage; stages share the worker thread of ``pool`` (their
+    tasks run in submission order). Runs tasks inline when ``pool`` is None (the in-process fakeredis store
+    is not safe for concurrent scripts)."""
 
     def __init__(self, pool: ThreadPoolExecutor | None) -> None:
         self.pool = pool
@@ -145,13 +140,12 @@ class _LoaderIter:
         self.done = False
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
         threaded = not source.in_process()
-        # two threads: one claims (then materialises ahead), one builds (then commits); one thread per stage
-        # would make I/O and decoding threads fight for the GIL
-        self.pool = _pool("pr_loader-build") if threaded else None
-        self.claim_pool = _pool("pr_loader-claim") if threaded else None
+        # one thread does all background work, in order: on a couple of cores, threads fighting for the GIL
+        # (and the cores the Redis server needs) are slower than one thread working through the stages
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pr_loader-ahead") if threaded else None
         self.background = _Background(self.pool)
-        self.claimer = _Background(self.claim_pool)
-        self.materialiser = _Background(self.claim_pool)
+        self.claimer = _Background(self.pool)
+        self.materialiser = _Background(self.pool)
         self.committer = _Background(self.pool)
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
@@ -180,27 +174,26 @@ class _LoaderIter:
         return self.loader._pin(item)
 
     def _claimed_ahead(self) -> Iterator[tuple[int, Any]]:
-        """FixedBatch, a pipeline: each claim hands its step to the builder as soon as it lands, so while the
-        caller works on step k, step k + 1 is claimed, then decoded and collated, and step k + 2
-        materialised; a step is handed out as soon as it is built (the first of an epoch too)."""
+        """FixedBatch, a pipeline: while the caller works on step k, the background thread claims, decodes and
+        collates step k + 1, then materialises step k + 2 (and sends the commit of k - 1); a step is handed
+        out as soon as it is built, the first of an epoch too."""
         claims, claimer = self.source.claim_steps(self.epoch), self.claimer
         claimer.start(self._claim_and_build, claims)
         while True:
-            claimed, built = claimer.wait()  # an error of a later step: raised at that step's turn
+            claimed, built = claimer.wait()
             if claimed is _END:
                 return
-            self.materialiser.wait()  # the step about to be claimed is written (or being written by no one)
             claimer.start(self._claim_and_build, claims)
             if self.in_epoch(claimed.step + 2):  # (a requeued old step has nothing ahead to write)
                 self.materialiser.start(self._materialise_ahead, claimed.step + 2)
-            item = built.wait()
+            item = built.wait()  # an error of a step is raised at its turn
             if not isinstance(item, EmptyStep):
                 yield claimed.step, item
 
     def _claim_and_build(self, claims: Iterator[ClaimedStep]) -> tuple[Any, _Background]:
-        """Claim the next step and queue its build at once (in the claim thread)."""
+        """Claim the next step and build it (an error of the build is kept for the step's turn)."""
         claimed = next(claims, _END)
-        built = _Background(self.pool)
+        built = _Background(None)
         if claimed is not _END:
             built.start(self._build, claimed)
         return claimed, built
@@ -275,10 +268,12 @@ class _LoaderIter:
         (the following ``next()``, ``state_dict()`` or ``close()``)."""
         self.committer.wait()
         step, self.pending = self.pending, None
-        if step is not None:
+        if step is None:
+            return
+        if wait or self.done:  # (a closed iterator has no thread left)
+            self._commit(step)
+        else:
             self.committer.start(self._commit, step)
-            if wait:
-                self.committer.wait()
 
     def __next__(self) -> Any:
         if self.done:
@@ -302,9 +297,8 @@ class _LoaderIter:
     def __del__(self) -> None:  # an abandoned iterator: stop its threads without waiting for them
         if hasattr(self, "heartbeat"):
             self.heartbeat.stop()
-            for pool in (self.pool, self.claim_pool):
-                if pool is not None:
-                    pool.shutdown(wait=False)
+            if self.pool is not None:
+                self.pool.shutdown(wait=False)
 
     def close(self, *, finished: bool = False) -> None:
         """Stop the heartbeat, background work and (unless the epoch finished and they persist) the worker
@@ -317,9 +311,8 @@ class _LoaderIter:
             self.committer.wait()
         except Exception:  # close() must not fail; the step stays in flight and comes again
             logger.warning("committing the step before the last one failed", exc_info=True)
-        for pool in (self.claim_pool, self.pool):  # a claim may still queue a build
-            if pool is not None:
-                pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):
             _stop_workers(self.worker_iter)
             self.loader._workers = None

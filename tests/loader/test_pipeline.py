@@ -15,7 +15,7 @@ from pr_loader.server import FAKE_URL
 from tests.loader.conftest import assert_same_epochs
 from tests.servers import RedisServer
 
-DATA = [{"x": torch.arange(4) + 10 * i, "y": torch.full((2, 3), float(i)), "i": i} for i in range(24)]
+DATA: Any = [{"x": torch.arange(4) + 10 * i, "y": torch.full((2, 3), float(i)), "i": i} for i in range(24)]
 B = 4
 
 
@@ -64,3 +64,12 @@ def test_close_waits_for_the_background_commit(redis_server: RedisServer) -> Non
     loader.close()
     assert loader.source.position()[1] == 0  # step 0 committed, step 1 still in flight
     assert len(got) == 2
+
+
+def test_new_iter_after_closing_the_last_one(redis_server: RedisServer) -> None:
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url)
+    it = iter(loader)
+    got = [next(it), next(it)]
+    it.close()
+    got += list(loader)  # commits the batch handed out last, then continues
+    assert_same_epochs([list(tud.DataLoader(DATA, batch_size=B))], [got])
