@@ -4,11 +4,11 @@ Every argument of torch's loader is accepted with the same name, order and defau
 itself. For a map-style dataset and ``linked=False`` it yields exactly what torch's loader yields (values,
 dtypes, containers, order, and the random numbers it draws): each epoch's plan is drawn from torch's own
 sampler objects (:mod:`pr_loader.plan`) and stored in Redis; steps are materialised lazily
-(``dataset[i]`` -> codec -> Redis), claimed, decoded and collated with the user's ``collate_fn``. A background
-thread works ahead: with ``FixedBatch`` step k + 1 is claimed, decoded and collated and k + 2 materialised
-while the caller works on step k (an error of a later step is raised at that step's turn);
-with a postponing policy only step k + 1 is materialised ahead (its rows are final only when it is claimed,
-so rows postponed into it while the caller works still arrive there). With the in-process fakeredis store
+(``dataset[i]`` -> codec -> Redis), claimed, decoded and collated with the user's ``collate_fn``. Two
+background threads work ahead: with ``FixedBatch`` step k + 1 is claimed, decoded and collated and k + 2
+materialised while the caller works on step k (an error of a later step is raised at that step's turn); with
+a postponing policy only step k + 1 is materialised ahead (its rows are final only when it is claimed, so rows
+postponed into it while the caller works still arrive there). With the in-process fakeredis store
 everything runs inline (its Lua runtime is not thread-safe).
 
 Commit points: a step is committed when the next one is requested (``next()``, the end of the epoch, or a
@@ -140,12 +140,14 @@ class _LoaderIter:
         self.done = False
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
         threaded = not source.in_process()
-        # one thread does all background work, in order: on a couple of cores, threads fighting for the GIL
-        # (and the cores the Redis server needs) are slower than one thread working through the stages
+        # one thread claims, builds and commits, in order; another materialises ahead (encoding + writes).
+        # Not one thread per stage: on a couple of cores, threads fighting for the GIL (and for the core the
+        # Redis server needs) are slower than one thread working through the stages.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pr_loader-ahead") if threaded else None
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="pr_loader-write") if threaded else None
         self.background = _Background(self.pool)
         self.claimer = _Background(self.pool)
-        self.materialiser = _Background(self.pool)
+        self.materialiser = _Background(self.writer)
         self.committer = _Background(self.pool)
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
@@ -174,15 +176,16 @@ class _LoaderIter:
         return self.loader._pin(item)
 
     def _claimed_ahead(self) -> Iterator[tuple[int, Any]]:
-        """FixedBatch, a pipeline: while the caller works on step k, the background thread claims, decodes and
-        collates step k + 1, then materialises step k + 2 (and sends the commit of k - 1); a step is handed
-        out as soon as it is built, the first of an epoch too."""
+        """FixedBatch, a pipeline: while the caller works on step k, a background thread claims, decodes and
+        collates step k + 1 (and sends the commit of k - 1), another one materialises step k + 2; a step is
+        handed out as soon as it is built, the first of an epoch too."""
         claims, claimer = self.source.claim_steps(self.epoch), self.claimer
         claimer.start(self._claim_and_build, claims)
         while True:
             claimed, built = claimer.wait()
             if claimed is _END:
                 return
+            self.materialiser.wait()  # the step about to be claimed is written (or being written by no one)
             claimer.start(self._claim_and_build, claims)
             if self.in_epoch(claimed.step + 2):  # (a requeued old step has nothing ahead to write)
                 self.materialiser.start(self._materialise_ahead, claimed.step + 2)
@@ -265,7 +268,7 @@ class _LoaderIter:
     def commit_pending(self, *, wait: bool = True) -> None:
         """Commit the step handed out last. ``wait=False`` (``next()``) sends the commit from a background
         thread so that the next batch is handed out at once; its error, if any, is raised by the next call
-        (the following ``next()``, ``state_dict()`` or ``close()``)."""
+        (the following ``next()`` or ``state_dict()``; ``close()`` logs it)."""
         self.committer.wait()
         step, self.pending = self.pending, None
         if step is None:
@@ -297,8 +300,9 @@ class _LoaderIter:
     def __del__(self) -> None:  # an abandoned iterator: stop its threads without waiting for them
         if hasattr(self, "heartbeat"):
             self.heartbeat.stop()
-            if self.pool is not None:
-                self.pool.shutdown(wait=False)
+            for pool in (self.pool, self.writer):
+                if pool is not None:
+                    pool.shutdown(wait=False)
 
     def close(self, *, finished: bool = False) -> None:
         """Stop the heartbeat, background work and (unless the epoch finished and they persist) the worker
@@ -311,8 +315,9 @@ class _LoaderIter:
             self.committer.wait()
         except Exception:  # close() must not fail; the step stays in flight and comes again
             logger.warning("committing the step before the last one failed", exc_info=True)
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
+        for pool in (self.pool, self.writer):
+            if pool is not None:
+                pool.shutdown(wait=True)
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):
             _stop_workers(self.worker_iter)
             self.loader._workers = None

@@ -56,6 +56,7 @@ _IDENTITY = (
 _INT_FIELDS = frozenset({"batch_size", "steps_per_epoch", "seed", "world_size", "rank", "num_epochs"})
 _T = TypeVar("_T")
 _CHUNK = 1000
+_MSET_KEYS = 8  # keys per MSET of staged payloads: hiredis.pack_command slows down superlinearly with size
 _STAGE_TTL = 3600  # seconds an uploaded payload waits for its script (dropped by it in any case)
 
 
@@ -264,8 +265,8 @@ class BatchStore:
 
         def transaction() -> list[Any]:
             pipe = self._client.pipeline(transaction=True)
-            if names:  # one MSET: under appendfsync always one big write = one fsync
-                pipe.mset(dict(zip(names, payloads)))
+            for i in range(0, len(names), _MSET_KEYS):  # hiredis packs one huge command slowly
+                pipe.mset(dict(zip(names[i : i + _MSET_KEYS], payloads[i : i + _MSET_KEYS])))
             pipe.eval(script.script, 1, self._keys.meta, *argv)
             return list(pipe.execute()[-1])
 
