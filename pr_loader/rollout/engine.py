@@ -11,6 +11,7 @@ so far. ``clock`` is the engine's time in seconds (virtual for :class:`Simulated
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -174,3 +175,27 @@ class RequestBook:
     def done(self, request_id: str) -> None:
         """Forget a finished or aborted request."""
         self._live.discard(request_id)
+
+
+class SlotEngine:
+    """State both engines share: the slot count, the request book, the FIFO queue and the slot timeline."""
+
+    def __init__(self, num_slots: int) -> None:
+        self._num_slots = int(num_slots)
+        self._book = RequestBook()
+        self._waiting: deque[GenRequest] = deque()
+        self._timeline: list[SlotSpan] = []
+
+    @property
+    def num_slots(self) -> int:
+        """Maximum concurrent sequences."""
+        return self._num_slots
+
+    @property
+    def timeline(self) -> Sequence[SlotSpan]:
+        """Finished and aborted slot occupancies."""
+        return self._timeline
+
+    def num_pending(self) -> int:
+        """Running plus queued requests."""
+        return len(self._book)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -31,7 +30,7 @@ from pr_loader.rollout.engine import (
     FinishReason,
     GenOutput,
     GenRequest,
-    RequestBook,
+    SlotEngine,
     SlotSpan,
     hash_key,
     splitmix64,
@@ -177,7 +176,7 @@ class _Running:
     logprobs: list[float] = field(default_factory=list)
 
 
-class TorchEngine:
+class TorchEngine(SlotEngine):
     """Real token-by-token generation with a KV cache and continuous batching (see module docstring)."""
 
     def __init__(
@@ -206,11 +205,8 @@ class TorchEngine:
         self.eos_token_id = eos_token_id
         self.model = TinyTransformer(self.config, seed=seed).to(device=self.device, dtype=dtype).eval()
         self.cache = KVCache.empty(self.config, num_slots, self.device, dtype)
-        self._num_slots = num_slots
+        super().__init__(num_slots)
         self._slots: list[_Running | None] = [None] * num_slots
-        self._waiting: deque[GenRequest] = deque()
-        self._book = RequestBook()
-        self._timeline: list[SlotSpan] = []
         self._t0 = time.perf_counter()
 
     @property
@@ -219,20 +215,6 @@ class TorchEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - self._t0
-
-    @property
-    def num_slots(self) -> int:
-        """Maximum concurrent sequences."""
-        return self._num_slots
-
-    @property
-    def timeline(self) -> Sequence[SlotSpan]:
-        """Finished and aborted slot occupancies."""
-        return self._timeline
-
-    def num_pending(self) -> int:
-        """Running plus queued requests."""
-        return len(self._book)
 
     def submit(self, requests: Sequence[GenRequest]) -> None:
         """Queue requests (FIFO); EngineError if a request cannot fit the model."""
