@@ -56,7 +56,6 @@ _IDENTITY = (
 _INT_FIELDS = frozenset({"batch_size", "steps_per_epoch", "seed", "world_size", "rank", "num_epochs"})
 _T = TypeVar("_T")
 _CHUNK = 1000
-_MSET_KEYS = 8  # keys per MSET of staged payloads: hiredis.pack_command slows down superlinearly with size
 _STAGE_TTL = 3600  # seconds an uploaded payload waits for its script (dropped by it in any case)
 
 
@@ -85,6 +84,9 @@ class BatchStore:
         self._config = config
         self._keys = ShardKeys.for_shard(config.run_id, config.rank)
         self._retry_seconds = retry_seconds
+        # Read payloads in the script's round trip (SORT ... GET), except on a cluster (MGET after the script)
+        # or where the server refuses it (an ACL user without read access to every key): see _read_after.
+        self._payload_pattern = None if hasattr(client, "get_node_from_key") else self._keys.payload_pattern()
         self._scripts: dict[str, Script] = {
             name: client.register_script(getattr(scripts, name))
             for name in ("OPEN", "MATERIALISE", "CLAIM", "RENEW", "COMMIT", "POSTPONE", "PREFETCH",
@@ -193,6 +195,41 @@ class BatchStore:
         reply: list[Any] = self._retrying(lambda: script(keys=[self._keys.meta], args=argv))
         return reply
 
+    def _read_after(self, name: str, op_id: str, *args: str) -> tuple[list[Any], list[bytes | None] | None]:
+        """Run CLAIM or PREFETCH (last ARGV: the hand-over flag) and, where possible, read the payloads of the
+        refs it returns in the same round trip: ``SORT xfer:<op_id> BY nosort GET payload:*`` and a DEL of
+        the list are pipelined behind the script. Returns the reply and the payloads, or None for "read them
+        with MGET" (a cluster, or a server that refused the SORT: then never tried again)."""
+        pattern = self._payload_pattern
+        if pattern is None:
+            return self._script(name, op_id, *args, "0"), None
+        script = self._scripts[name]
+        xfer = self._keys.xfer(op_id)
+        argv = [self._keys.prefix, op_id, *args, "1"]
+
+        def run() -> list[Any]:
+            for _ in range(2):
+                pipe = self._client.pipeline(transaction=False)
+                pipe.evalsha(script.sha, 1, self._keys.meta, *argv)
+                pipe.sort(xfer, by="nosort", get=pattern)
+                pipe.delete(xfer)
+                res = list(pipe.execute(raise_on_error=False))
+                if not isinstance(res[0], redis.exceptions.NoScriptError):
+                    break
+                self._client.script_load(script.script)  # a restarted or flushed server: load, run again
+            for item in res[:1] + res[2:]:
+                if isinstance(item, Exception):
+                    raise item
+            return res
+
+        reply, payloads, _ = self._retrying(run)
+        if isinstance(payloads, Exception):
+            logger.info("Redis at %s refused SORT ... GET (%s); reading payloads with MGET from now on",
+                        self._address(), payloads)
+            self._payload_pattern = None
+            return list(reply), None
+        return list(reply), list(payloads) if reply[0] == b"ok" else None
+
     def _raise_for(self, reply: list[Any], step: int | None = None) -> None:
         if reply[0] != b"ok":
             self._fail(reply, step)
@@ -210,22 +247,29 @@ class BatchStore:
             raise RowsNotInStep(f"rows not in step {step}: {refs}")
         raise StoreError(f"unexpected store reply {status!r}")
 
-    def _rows(self, raw_refs: list[bytes], held: tuple[int, str] | None = None) -> list[StoredRow]:
-        """Rows of refs a script returned (payloads are immutable, so reading them afterwards is safe).
+    def _rows(
+        self,
+        raw_refs: list[bytes],
+        held: tuple[int, str] | None = None,
+        payloads: list[bytes | None] | None = None,
+    ) -> list[StoredRow]:
+        """Rows of refs a script returned, with ``payloads`` already read or else read now by MGET
+        (payloads are immutable, so reading them after the script is safe).
 
         A payload can only vanish meanwhile if the step stopped being ours (an expiry or rollback undid it):
         with ``held=(step, consumer)`` that is reported as LeaseLost.
         """
         refs = [_text(r) for r in raw_refs]
-        names = [self._keys.payload(r) for r in refs]
+        if payloads is None or len(payloads) != len(refs):
+            names = [self._keys.payload(r) for r in refs]
 
-        def read() -> list[bytes | None]:
-            out: list[bytes | None] = []
-            for i in range(0, len(names), _CHUNK):
-                out += self._client.mget(names[i:i + _CHUNK])
-            return out
+            def read() -> list[bytes | None]:
+                out: list[bytes | None] = []
+                for i in range(0, len(names), _CHUNK):
+                    out += self._client.mget(names[i:i + _CHUNK])
+                return out
 
-        payloads = self._retrying(read) if names else []
+            payloads = self._retrying(read) if names else []
         rows = []
         for ref, payload in zip(refs, payloads):
             if payload is None:
@@ -247,30 +291,33 @@ class BatchStore:
         return bool(state == b"inflight" and owner == consumer_id.encode())
 
     def _staged_script(self, name: str, op_id: str, payloads: list[bytes], *args: str) -> list[Any]:
-        """Upload payloads to stage:<op_id>:<i> and run a script that adopts (or drops) them. On a plain
-        server that is one round trip: one MULTI transaction of MSET + EVAL (the script text, so it can never
-        meet NOSCRIPT and leave the stages behind; the server caches it by SHA). redis-py refuses MSET and
-        EVAL in cluster pipelines, so a cluster gets SETs with a TTL, then the script. Payload bytes never
-        enter Lua."""
+        """Upload payloads to stage:<op_id>:<i> (SET with a TTL) and run a script that adopts (RENAME) or
+        drops them: payload bytes never enter Lua. On a plain server the SETs and the EVALSHA share one
+        pipelined round trip (no MULTI needed: a stage the script never saw just expires); redis-py refuses
+        scripts in cluster pipelines, so a cluster gets the SETs, then the script."""
         names = [self._keys.stage(op_id, i) for i in range(len(payloads))]
         script = self._scripts[name]
         argv = [self._keys.prefix, op_id, *args]
+        cluster = self._shard_node() is not None
 
-        def staged() -> list[Any]:
+        def run() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
             for stage, payload in zip(names, payloads):
                 pipe.set(stage, payload, ex=_STAGE_TTL)
-            pipe.execute()
-            return list(script(keys=[self._keys.meta], args=argv))
+            if cluster:
+                pipe.execute()
+                return list(script(keys=[self._keys.meta], args=argv))
+            pipe.evalsha(script.sha, 1, self._keys.meta, *argv)
+            res = list(pipe.execute(raise_on_error=False))
+            for item in res[:-1]:
+                if isinstance(item, Exception):
+                    raise item
+            if isinstance(res[-1], redis.exceptions.NoScriptError):  # restarted or flushed: the stages are up
+                return list(script(keys=[self._keys.meta], args=argv))  # (this call loads the script)
+            if isinstance(res[-1], Exception):
+                raise res[-1]
+            return list(res[-1])
 
-        def transaction() -> list[Any]:
-            pipe = self._client.pipeline(transaction=True)
-            for i in range(0, len(names), _MSET_KEYS):  # hiredis packs one huge command slowly
-                pipe.mset(dict(zip(names[i : i + _MSET_KEYS], payloads[i : i + _MSET_KEYS])))
-            pipe.eval(script.script, 1, self._keys.meta, *argv)
-            return list(pipe.execute()[-1])
-
-        run = staged if self._shard_node() is not None else transaction
         for _ in range(3):
             reply = self._retrying(run)
             if reply[0] != b"restage":  # staged keys lost (e.g. a server restart without fsync): again
@@ -337,12 +384,12 @@ class BatchStore:
             raise ConfigError(f"lease_seconds must be > 0, got {lease_seconds!r}")
         now_ = self._now(now)
         expiry = now_ + float(lease_seconds)
-        reply = self._script("CLAIM", self._op(op_id), consumer_id, repr(now_), repr(expiry))
+        reply, payloads = self._read_after("CLAIM", self._op(op_id), consumer_id, repr(now_), repr(expiry))
         status = reply[0]
         if status == b"ok":
             self._log_expired(reply[3])
             step = int(reply[1])
-            return ClaimedStep(step, self._rows(reply[4], (step, consumer_id)), float(reply[2]))
+            return ClaimedStep(step, self._rows(reply[4], (step, consumer_id), payloads), float(reply[2]))
         if status == b"needs":
             self._log_expired(reply[2])
             raise NeedsMaterialisation(int(reply[1]))
@@ -421,11 +468,12 @@ class BatchStore:
         """
         if count < 0:
             raise ConfigError(f"prefetch count must be >= 0, got {count!r}")
-        reply = self._script("PREFETCH", self._op(op_id), str(step), consumer_id, repr(self._now(now)),
-                             str(count), str(last_source_step))
+        reply, payloads = self._read_after("PREFETCH", self._op(op_id), str(step), consumer_id,
+                                           repr(self._now(now)), str(count), str(last_source_step))
         self._raise_for(reply, step)
         needs = int(reply[1])
-        return PrefetchResult(self._rows(reply[2], (step, consumer_id)), None if needs < 0 else needs)
+        rows = self._rows(reply[2], (step, consumer_id), payloads)
+        return PrefetchResult(rows, None if needs < 0 else needs)
 
     def expire_leases(self, *, now: float | None = None) -> list[int]:
         """Return the rows of steps whose lease ran out before ``now``; returns those steps."""

@@ -79,6 +79,17 @@ class ShardKeys:
         """The op ids whose results belong to ``step`` (deleted with them when the step is collected)."""
         return f"{self.prefix}opids:{step}"
 
+    def xfer(self, op_id: str) -> str:
+        """Where a claim or prefetch leaves the refs it returns, for a ``SORT ... GET`` of their payloads
+        pipelined right behind it (deleted by the same pipeline; a short TTL is the backstop)."""
+        return f"{self.prefix}xfer:{op_id}"
+
+    def payload_pattern(self) -> str | None:
+        """``payload:*`` as a SORT GET pattern, or None when the prefix itself holds ``*`` or ``->``."""
+        if "*" in self.prefix or "->" in self.prefix:
+            return None
+        return self.prefix + "payload:*"
+
     def op(self, op_id: str) -> str:
         return f"{self.prefix}op:{op_id}"
 

@@ -19,6 +19,9 @@ Conventions shared by all scripts:
   call uploads new payloads to ``stage:<op_id>:<i>`` keys first and its script adopts them by RENAME (or drops
   them), and readers MGET payload keys after the script returned the refs. Moving megabytes through Lua
   strings costs several times a plain MGET/SET; immutability makes the read after the script safe.
+  On a plain server a claim or prefetch saves that second round trip: its script also leaves the refs in
+  ``xfer:<op_id>`` and the caller pipelines ``SORT xfer:<op_id> BY nosort GET payload:*`` (the payloads in
+  list order, read by the server itself) and ``DEL xfer:<op_id>`` right behind the script.
 * Journal entries of step s (list ``journal:<s>``) are space-separated words ``<seq> <kind> ...`` where
   ``seq`` is a shard-wide counter (``meta.seq``): ``C <n_arrivals> <refs...>`` (claim: original arrivals then
   fresh refs), ``F <source> <refs...>`` (prefetch), ``P <target> <old> <new> ...`` (postpone pairs),
@@ -67,10 +70,22 @@ local function drop_staged(op_id, n)
 end
 
 local function all_staged(op_id, n)
-  for k = 0, n - 1 do
-    if redis.call('EXISTS', P .. 'stage:' .. op_id .. ':' .. k) == 0 then return false end
+  for i = 1, n, CHUNK do
+    local names = {}
+    for k = i, math.min(i + CHUNK - 1, n) do names[#names + 1] = P .. 'stage:' .. op_id .. ':' .. (k - 1) end
+    if redis.call('EXISTS', unpack(names)) ~= #names then return false end
   end
   return true
+end
+
+-- with flag '1', leave refs in xfer:<op_id> for the caller's pipelined SORT xfer BY nosort GET payload:*
+-- (it deletes the list in the same round trip; the TTL is a backstop for a connection lost in between)
+local function hand_over(flag, op_id, refs)
+  if flag ~= '1' or #refs == 0 then return end
+  local key = P .. 'xfer:' .. op_id
+  redis.call('DEL', key)
+  push_all('RPUSH', key, refs)
+  redis.call('PEXPIRE', key, 60000)
 end
 
 -- staged payload k of op_id becomes the payload of refs[k + 1] (RENAME: no copy; PERSIST: drop the stage TTL)
@@ -251,7 +266,8 @@ return {'ok', 1}
 # CLAIM: expire due leases, then lease the lowest requeued step, else the step at the cursor (drain steps
 # s >= E*S are claimed only while some arrivals:<u>, u >= s, exist; empty ones are marked 'skipped').
 # Moves arrivals:<s> then batch:<s> into rows:<s> and journals them.
-# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] consumer, ARGV[4] now, ARGV[5] lease expiry.
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] consumer, ARGV[4] now, ARGV[5] lease expiry,
+# ARGV[6] '1' to leave the returned refs in xfer:<op_id> (see hand_over), else '0'.
 # Payloads are immutable, so the caller reads them (payload:<ref>) after the script: moving the bytes
 # through Lua costs several times a plain MGET.
 # Returns {'ok', step, expiry, expired_steps, refs} | {'needs', step, expired} |
@@ -265,6 +281,7 @@ if done_op then
     return {'lease_lost', 'claim of step ' .. s .. ' by ' .. consumer .. ' is no longer held'}
   end
   local refs = redis.call('LRANGE', P .. 'rows:' .. s, 0, -1)
+  hand_over(ARGV[6], ARGV[2], refs)
   return {'ok', s, redis.call('ZSCORE', K_LEASES, s), {}, refs}
 end
 local expired = expire_due(ARGV[4])
@@ -306,6 +323,7 @@ redis.call('HSET', K_STEPS, s, 'inflight')
 redis.call('HSET', K_OWNERS, s, consumer)
 redis.call('ZADD', K_LEASES, ARGV[5], s)
 op_store(ARGV[2], s, s)
+hand_over(ARGV[6], ARGV[2], refs)
 return {'ok', s, ARGV[5], expired, refs}
 """
 
@@ -416,7 +434,7 @@ return {'ok'}
 # PREFETCH: pop up to count fresh refs from batch:<t>, t = step+1 .. last_source (nearest first, skipping
 # claimed and drain steps), append them to rows:<step>; stop at the first unmaterialised t.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now, ARGV[6] count,
-# ARGV[7] last_source.
+# ARGV[7] last_source, ARGV[8] '1' to leave the returned refs in xfer:<op_id> (see hand_over), else '0'.
 # Returns {'ok', needs_materialise (-1 if none), refs} | {'state', msg} | {'lease_lost', msg}.
 PREFETCH = _LIB + r"""
 local done_op = op_result(ARGV[2])
@@ -424,6 +442,7 @@ if done_op then
   local w = split(done_op)
   local refs = {}
   for i = 2, #w do refs[#refs + 1] = w[i] end
+  hand_over(ARGV[8], ARGV[2], refs)
   return {'ok', tonumber(w[1]), refs}
 end
 local s, want = tonumber(ARGV[3]), tonumber(ARGV[6])
@@ -453,6 +472,7 @@ push_all('RPUSH', P .. 'rows:' .. s, got)
 local stored = {needs}
 for _, r in ipairs(got) do stored[#stored + 1] = r end
 op_store(ARGV[2], table.concat(stored, ' '), s)
+hand_over(ARGV[8], ARGV[2], got)
 return {'ok', needs, got}
 """
 

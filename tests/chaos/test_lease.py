@@ -21,6 +21,7 @@ from tests.chaos.helpers import TALLY, check_exactly_once, diff_snapshots, expec
 from tests.chaos.proxy import ChaosProxy
 from tests.chaos.workload import Workload, committed_keys, committed_trace, materialise_if_needed
 from tests.servers import RedisServer
+from tests.store.helpers import InterleavedPipeline
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -185,12 +186,16 @@ def test_expired_lease_with_claimed_postpone_target(chaos_server: RedisServer, t
         client.close()
 
 
-def test_claim_racing_a_lease_steal_does_not_fail_with_missing_payload(chaos_server: RedisServer) -> None:
+@pytest.mark.parametrize("read", ["sort", "mget"])
+def test_claim_racing_a_lease_steal_does_not_fail_with_missing_payload(
+    chaos_server: RedisServer, read: str
+) -> None:
     """Found by test_competing_consumers_with_kills (about one run in 50): consumer C's claim script returns
     step 1's refs; before C reads their payloads, B's claim expires C's lease and A's, which undoes A's
     postpone into step 1 and deletes that payload version. C's claim must then report the lost lease
-    (LeaseLost) or return complete rows -- not a bare StoreError("payload ... is gone")."""
-    work = Workload(run_id="lease-claim-race", seed=9)
+    (LeaseLost) or return complete rows -- not a bare StoreError("payload ... is gone"). ``read``: the
+    payloads come from the SORT pipelined behind the script, or from the MGET fallback after it."""
+    work = Workload(run_id=f"lease-claim-race-{read}", seed=9)
     client_a, client_b, client_c = (connect(chaos_server.url) for _ in range(3))
     try:
         store_a = BatchStore.open(client_a, work.config())
@@ -201,15 +206,23 @@ def test_claim_racing_a_lease_steal_does_not_fail_with_missing_payload(chaos_ser
         a = store_a.claim("A", 100.0, now=10.0)  # expiry 110
         assert a is not None and a.step == 0
         store_a.postpone(0, "A", [(a.rows[0].ref, a.rows[0].payload + b"|a")], 1, now=11.0)
-        original_mget = client_c.mget
         stolen: list[object] = []
 
-        def mget_after_a_steal(*args: Any, **kwargs: Any) -> Any:
-            if not stolen:  # B arrives between C's claim script and C's payload read
+        def steal() -> None:  # B arrives between C's claim script and C's payload read
+            if not stolen:
                 stolen.append(store_b.claim("B", 100.0, now=1000.0))
+
+        original_mget, original_pipeline = client_c.mget, client_c.pipeline
+
+        def mget_after_a_steal(*args: Any, **kwargs: Any) -> Any:
+            steal()
             return original_mget(*args, **kwargs)
 
-        client_c.mget = mget_after_a_steal  # type: ignore[method-assign]
+        if read == "sort":
+            client_c.pipeline = lambda **_: InterleavedPipeline(client_c, steal)  # type: ignore[method-assign]
+        else:
+            store_c._payload_pattern = None  # the fallback of a cluster or a confined ACL user
+            client_c.mget = mget_after_a_steal  # type: ignore[method-assign]
         try:
             c = store_c.claim("C", 95.0, now=10.0)  # step 1, expiry 105: expires before A's step 0
         except LeaseLost:
@@ -217,9 +230,8 @@ def test_claim_racing_a_lease_steal_does_not_fail_with_missing_payload(chaos_ser
         except Exception as exc:
             raise AssertionError(f"claim racing a steal failed with {type(exc).__name__}: {exc}") from exc
         finally:
-            client_c.mget = original_mget  # type: ignore[method-assign]
-        if not stolen:
-            pytest.skip("the store no longer reads payloads after its claim script: no race window")
+            client_c.mget, client_c.pipeline = original_mget, original_pipeline  # type: ignore[method-assign]
+        assert stolen, "the steal never ran between the claim script and the payload read"
         if c is not None:
             assert all(r.payload for r in c.rows)
             with pytest.raises(LeaseLost):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -62,3 +63,33 @@ def restrict(state: dict[str, Any], from_step: int) -> dict[str, Any]:
     out["payloads"] = {r: p for r, p in state["payloads"].items() if r in refs}
     del out["payload_keys"]  # includes the payloads of collected steps
     return out
+
+
+class InterleavedPipeline:
+    """A stand-in for ``client.pipeline()`` that runs the queued commands one by one and calls ``between``
+    after the first (a store script): what another client could do between a script and the payload read
+    pipelined behind it."""
+
+    def __init__(self, client: redis.Redis, between: Callable[[], object]) -> None:
+        self.client, self.between = client, between
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., InterleavedPipeline]:
+        def queue(*args: Any, **kwargs: Any) -> InterleavedPipeline:
+            self.calls.append((name, args, kwargs))
+            return self
+
+        return queue
+
+    def execute(self, raise_on_error: bool = True) -> list[object]:
+        out: list[object] = []
+        for i, (name, args, kwargs) in enumerate(self.calls):
+            if i == 1:
+                self.between()
+            try:
+                out.append(getattr(self.client, name)(*args, **kwargs))
+            except redis.ResponseError as exc:
+                if raise_on_error:
+                    raise
+                out.append(exc)
+        return out

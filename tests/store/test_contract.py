@@ -21,7 +21,7 @@ from pr_loader.errors import (
 )
 from pr_loader.store import BatchStore, RowRef
 from tests.store.conftest import fill, make_config
-from tests.store.helpers import dump
+from tests.store.helpers import InterleavedPipeline, dump
 
 NewStore = Callable[..., BatchStore]
 
@@ -224,25 +224,54 @@ def test_expiry_keeps_rows_that_moved_to_a_claimed_step(store: BatchStore) -> No
     assert refs(again.rows) == refs(first.rows)[1:] + refs(pf.rows)
 
 
+@pytest.mark.parametrize("read", ["sort", "mget"])
 def test_claim_that_loses_its_lease_while_reading_payloads_says_so(
-    store: BatchStore, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    store: BatchStore, client: redis.Redis, monkeypatch: pytest.MonkeyPatch, read: str
 ) -> None:
     a = store.claim("A", 100, now=10)
     assert a is not None
     store.postpone(0, "A", [(a.rows[0].ref, b"x")], 1, now=11)
     other = BatchStore.open(client, store.config)
-    original = client.mget
 
-    def steal(*args: object, **kwargs: object) -> object:
+    def steal() -> None:
         # between C's claim script and its payload read, B expires C (step 1) and then A, whose undone
         # postpone deletes the payload of the row C got in step 1
-        monkeypatch.setattr(client, "mget", original)
+        monkeypatch.undo()
         other.claim("B", 100, now=1000)
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(client, "mget", steal)
+    if read == "sort":  # the payloads are read by a SORT pipelined behind the script
+        monkeypatch.setattr(client, "pipeline", lambda **_: InterleavedPipeline(client, steal))
+    else:  # the MGET fallback (a cluster, or an ACL user the server refuses SORT ... GET)
+        store._payload_pattern = None
+        original = client.mget
+
+        def mget_after_steal(*args: object, **kwargs: object) -> object:
+            steal()
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(client, "mget", mget_after_steal)
     with pytest.raises(LeaseLost, match="while its rows were read"):
         store.claim("C", 95, now=10)
+
+
+def test_claim_and_prefetch_read_payloads_in_their_round_trip(store: BatchStore, client: redis.Redis) -> None:
+    """The script hands its refs over to a SORT ... GET pipelined behind it; nothing is left behind."""
+    fill(store, [0, 1])
+    if not _is_fake(client):
+        client.config_resetstat()
+    claimed = store.claim("A", 100, now=10)
+    assert claimed is not None
+    fetched = store.prefetch(0, "A", 2, 1, now=11)
+    assert [r.payload for r in claimed.rows] == [b"p0:0", b"p0:1", b"p0:2", b"p0:3"]
+    assert [r.payload for r in fetched.rows] == [b"p0:4", b"p0:5"]
+    assert client.keys(store.keys.prefix + "xfer:*") == []
+    if not _is_fake(client):
+        calls = client.info("commandstats")
+        assert calls["cmdstat_sort"]["calls"] == 2 and "cmdstat_mget" not in calls
+
+
+def _is_fake(client: redis.Redis) -> bool:
+    return type(client).__module__.startswith("fakeredis")
 
 
 def test_late_commit_after_reclaim_is_refused(store: BatchStore) -> None:
