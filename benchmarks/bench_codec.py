@@ -1,6 +1,8 @@
-"""Codec speed and size against pickle (protocol 5, in-band) and torch.save, plus a memcpy baseline.
+"""Codec speed and size against pickle (protocol 5, in-band) and torch.save, plus a memcpy baseline; and the
+loader's per-step decode + ``default_collate`` (zero-copy views + ``torch.stack`` against ``RawTensor`` rows +
+``collate_raw``) against one copy of the same tensor bytes.
 
-Run by hand: ``.venv/bin/python benchmarks/bench_codec.py [--quick]``.  Prints a markdown table of medians.
+Run by hand: ``.venv/bin/python benchmarks/bench_codec.py [--quick]``.  Prints markdown tables of medians.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import pickle
+import resource
 import statistics
 import sys
 import time
@@ -20,7 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from pr_loader.codec import decode, encode
+from pr_loader.codec import decode, decode_raw_tensors, encode
+from pr_loader.collate import collate_raw
 
 Sample = dict[str, Any]
 
@@ -56,6 +60,13 @@ def postponed_sample(seed: int = 0) -> Sample:
 def big_sample() -> Sample:
     """(c) one 64 MiB float32 tensor."""
     return {"weights": torch.randn(16 * 1024 * 1024)}
+
+
+def rl_row(seed: int) -> Sample:
+    """One row of an RL step: the (a) tensors, its prompt string and an int index."""
+    sample = prompt_sample(seed)
+    keys = ("input_ids", "attention_mask", "position_ids", "raw_prompt")
+    return {**{key: sample[key] for key in keys}, "index": seed}
 
 
 def raw_bytes(obj: Any) -> int:
@@ -151,9 +162,76 @@ def bench_case(name: str, sample: Sample, reps: int, inner: int) -> list[list[st
     return rows
 
 
+def step_timings(
+    fns: dict[str, Callable[[], object]], reps: int, inner: int
+) -> dict[str, tuple[float, float]]:
+    """Median seconds and mean minor page faults per call of each function, timed in interleaved rounds so
+    that all see the same malloc state; each result lives until the function's next call, as a training loop
+    holds its batch (dropped at once, malloc would hand the same pages back every call)."""
+    held = {name: fn() for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    faults = dict.fromkeys(fns, 0)
+    for _ in range(reps):
+        for name, fn in fns.items():
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            for _ in range(inner):
+                held[name] = fn()
+            times[name].append((time.perf_counter() - start) / inner)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    del held
+    return {name: (statistics.median(times[name]), faults[name] / (reps * inner)) for name in fns}
+
+
+def bench_batch(name: str, rows: list[Sample], reps: int, inner: int) -> list[list[str]]:
+    """One step's decode + default_collate: the old path, the new one, and one join of the tensor bytes."""
+    payloads = [encode(row) for row in rows]
+    tensor_bytes = raw_bytes({k: v for k, v in rows[0].items() if isinstance(v, torch.Tensor)})
+    raws = [memoryview(p)[len(p) - tensor_bytes :] for p in payloads]  # a payload ends with its tensors
+
+    def old() -> Any:
+        return torch.utils.data.default_collate([decode(p, copy=False) for p in payloads])
+
+    def new() -> Any:
+        return collate_raw([decode_raw_tensors(p) for p in payloads])
+
+    got, want = new(), old()
+    strides = [(got[k].stride(), want[k].stride()) for k in got if isinstance(want[k], torch.Tensor)]
+    if not same(got, want) or any(a != b for a, b in strides):
+        raise SystemExit(f"collate_raw differs from default_collate in case {name}")
+    fns: dict[str, Callable[[], object]] = {
+        "old: default_collate(decode(p, copy=False) per row)": old,
+        "new: collate_raw(decode_raw_tensors(p) per row)": new,
+        "floor: b''.join(the rows' tensor bytes)": lambda: b"".join(raws),
+    }
+    timings = step_timings(fns, reps, inner)
+    (old_s, _), *_, (floor_s, _) = timings.values()
+    mib = len(rows) * tensor_bytes / 2**20
+    return [
+        [
+            name,
+            method,
+            f"{seconds * 1e3:.3f}",
+            f"{seconds / floor_s:.2f}x",
+            f"{old_s / seconds:.2f}x",
+            f"{faults:.0f}",
+            f"{mib:.1f}",
+        ]
+        for method, (seconds, faults) in timings.items()
+    ]
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, ~5 s)")
+    parser.add_argument("--batch-only", action="store_true", help="only the batch decode + collate table")
     args = parser.parse_args()
     small_reps, small_inner, big_reps = (5, 20, 3) if args.quick else (15, 100, 9)
     torch.manual_seed(0)
@@ -168,16 +246,32 @@ def main() -> None:
         "size - raw B",
         "round trip time / codec's",
     ]
-    rows = bench_case("(a) prompt", prompt_sample(), small_reps, small_inner)
-    rows += bench_case("(b) postponed 8k", postponed_sample(), small_reps, small_inner)
-    rows += bench_case("(c) 64 MiB tensor", big_sample(), big_reps, 1)
+    rows = []
+    if not args.batch_only:
+        rows += bench_case("(a) prompt", prompt_sample(), small_reps, small_inner)
+        rows += bench_case("(b) postponed 8k", postponed_sample(), small_reps, small_inner)
+        rows += bench_case("(c) 64 MiB tensor", big_sample(), big_reps, 1)
+    batch_rows = bench_batch("(d) 256 RL rows", [rl_row(i) for i in range(256)], small_reps, small_inner // 4)
+    big_rows = [{"blob": torch.randint(0, 256, (1 << 20,), dtype=torch.uint8)} for _ in range(16)]
+    batch_rows += bench_batch("(e) 16 rows of 1 MiB", big_rows, small_reps, small_inner // 4)
     run = "quick" if args.quick else "full"
     print(f"torch {torch.__version__}, numpy {np.__version__}, CPU, medians of a {run} run")
     print()
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    if rows:
+        print_table(header, rows)
+        print()
+    print("batch decode + collate (one step of a RedisBatchDataset with torch's default_collate)")
+    print()
+    batch_header = [
+        "case",
+        "method",
+        "ms per step",
+        "time / floor",
+        "speed-up over old",
+        "page faults",
+        "MiB",
+    ]
+    print_table(batch_header, batch_rows)
 
 
 if __name__ == "__main__":

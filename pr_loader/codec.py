@@ -22,6 +22,9 @@ huge pages, from 1 MiB): the payload ``bytes`` are immutable, so a zero-copy ten
 read-only (a write would corrupt an immutable object).  That copy costs about one ``memcpy`` (see
 ``benchmarks/bench_codec.py``).  ``decode(data, copy=False)`` skips it for tensors when the caller copies
 anyway (``torch.stack`` in a collate function): the tensors then view ``data`` and must never be written.
+``decode_raw_tensors`` goes one step further for :mod:`pr_loader.collate`: each tensor stays a
+:class:`RawTensor` (its checked bytes, dtype and shape), so that a whole batch column is copied in one go
+instead of paying ~3 us per ``torch.frombuffer`` view and then ``torch.stack``.
 
 Decoding never runs code (no pickle unless both sides opt in with ``allow_pickle=True``), never allocates
 more than the payload's size because of a forged length, and bounds nesting depth; any corrupt, truncated or
@@ -31,11 +34,13 @@ foreign input raises :class:`~pr_loader.errors.CodecError`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import pickle
 import struct
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -44,7 +49,7 @@ import torch
 
 from pr_loader.errors import CodecError
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "decode", "encode"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "decode", "encode"]  # RawTensor & co. are internal (pr_loader.collate)
 
 MAGIC = b"PRLC"
 FORMAT_VERSION = 1
@@ -69,6 +74,7 @@ _MAX_NDIM = 64
 _MAX_DTYPE_STR = 32
 _SMALL_COPY = 1 << 20  # decoded tensors below this size are copied into a bytearray, larger ones via numpy
 _UINT8 = np.dtype(np.uint8)
+_EMPTY = memoryview(b"")
 _VIEW_WARNING_SPENT = threading.Event()
 _VIEW_WARNING_LOCK = threading.Lock()
 
@@ -298,15 +304,87 @@ def _spend_view_warning() -> None:
             _VIEW_WARNING_SPENT.set()
 
 
+def _make_tensor(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...], copy: bool) -> torch.Tensor:
+    """The tensor of ``data`` (checked to hold exactly ``shape``): a view of it, or else a private copy."""
+    nbytes = data.nbytes
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if not copy:  # a view of the payload (it keeps the payload alive)
+        if not _VIEW_WARNING_SPENT.is_set():
+            _spend_view_warning()
+        t = torch.frombuffer(data, dtype=dtype)
+    elif nbytes < _SMALL_COPY:  # a private bytearray is the cheapest writable buffer for small tensors
+        t = torch.frombuffer(bytearray(data), dtype=dtype)
+    else:  # numpy allocates large arrays on transparent huge pages: ~3x faster than bytearray for 64 MiB
+        t = torch.from_numpy(np.frombuffer(data, _UINT8).copy()).view(dtype)
+    return t if len(shape) == 1 else t.view(shape)
+
+
+class NeedsTensor(Exception):
+    """Internal signal, never a user-facing error: a :class:`RawTensor` was used like a tensor (hashed,
+    sized, iterated or indexed), so the caller must redo the work with real tensors."""
+
+
+class RawTensor:
+    """Internal: a checked tensor record of a payload, not yet a tensor (see :func:`decode_raw_tensors`).
+
+    ``data`` views exactly the tensor's bytes in the payload (C order). It is no container and no dict key:
+    ``len``, iteration, indexing and hashing raise :class:`NeedsTensor`, which :mod:`pr_loader.collate`
+    answers by falling back to real tensors.
+    """
+
+    __slots__ = ("data", "dtype", "shape")
+
+    def __init__(self, data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.data = data
+        self.dtype = dtype
+        self.shape = shape
+
+    def tensor(self, copy: bool = True) -> torch.Tensor:
+        """The tensor ``decode(payload, copy=copy)`` gives: private and writable, or a read-only view."""
+        return _make_tensor(self.data, self.dtype, self.shape, copy)
+
+    def __repr__(self) -> str:
+        return f"RawTensor(dtype={self.dtype}, shape={self.shape})"
+
+    def __hash__(self) -> int:
+        raise NeedsTensor("a tensor used as a dict key")
+
+    def __len__(self) -> int:
+        raise NeedsTensor("len() of a tensor")
+
+    def __iter__(self) -> Iterator[Any]:
+        raise NeedsTensor("iteration over a tensor")
+
+    def __getitem__(self, key: object) -> Any:
+        raise NeedsTensor("indexing a tensor")
+
+
+@functools.lru_cache(maxsize=1024)
+def _tensor_record(data: bytes) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """The dtype, shape, raw offset and byte size of a checked tensor record (cached: the rows of a batch
+    repeat the same few records, and parsing one costs about as much as the rest of a small row's decode)."""
+    code, ndim, offset = _TENSOR_HEAD.unpack_from(data)
+    dtype = _CODE_TO_TORCH.get(code)
+    if dtype is None:
+        raise CodecError(f"unknown tensor dtype code {code} (written by a newer torch or pr_loader?)")
+    if len(data) != _TENSOR_HEAD.size + 8 * ndim:
+        raise CodecError("corrupt payload: tensor record of the wrong size")
+    shape = _shape(data, _TENSOR_HEAD.size, ndim)
+    return dtype, shape, offset, math.prod(shape) * _CODE_TO_ITEMSIZE[code]
+
+
 class _Decoder:
-    """State of one ``decode`` call: the raw area, the nesting depth and whether tensors are copied."""
+    """State of one ``decode`` call: the raw area, the nesting depth and what tensors become (private
+    copies, views of the payload, or :class:`RawTensor` records)."""
 
-    __slots__ = ("allow_pickle", "copy", "depth", "raw")
+    __slots__ = ("allow_pickle", "copy", "depth", "raw", "raw_tensors")
 
-    def __init__(self, raw: memoryview, allow_pickle: bool, copy: bool = True) -> None:
+    def __init__(self, raw: memoryview, allow_pickle: bool, copy: bool, raw_tensors: bool) -> None:
         self.raw = raw
         self.allow_pickle = allow_pickle
         self.copy = copy
+        self.raw_tensors = raw_tensors
         self.depth = 0
 
     def unpack(self, data: bytes | memoryview) -> Any:
@@ -355,27 +433,14 @@ class _Decoder:
             return pickle.loads(data)
         raise CodecError(f"corrupt payload: unknown extension type {code}")
 
-    def tensor(self, data: bytes) -> torch.Tensor:
-        code, ndim, offset = _TENSOR_HEAD.unpack_from(data)
-        dtype = _CODE_TO_TORCH.get(code)
-        if dtype is None:
-            raise CodecError(f"unknown tensor dtype code {code} (written by a newer torch or pr_loader?)")
-        if len(data) != _TENSOR_HEAD.size + 8 * ndim:
-            raise CodecError("corrupt payload: tensor record of the wrong size")
-        shape = _shape(data, _TENSOR_HEAD.size, ndim)
-        count = math.prod(shape)
-        nbytes = count * _CODE_TO_ITEMSIZE[code]
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        if offset + nbytes > self.raw.nbytes:
+    def tensor(self, data: bytes) -> torch.Tensor | RawTensor:
+        dtype, shape, offset, nbytes = _tensor_record(data)
+        if nbytes and offset + nbytes > self.raw.nbytes:
             self.check_raw(offset, nbytes)
-        if not self.copy:  # a view of the payload (it keeps the payload alive)
-            t = torch.frombuffer(self.raw, dtype=dtype, count=count, offset=offset)
-        elif nbytes < _SMALL_COPY:  # a private bytearray is the cheapest writable buffer for small tensors
-            t = torch.frombuffer(bytearray(self.raw[offset : offset + nbytes]), dtype=dtype)
-        else:
-            t = torch.from_numpy(self.copy_raw(_UINT8, offset, nbytes)).view(dtype)
-        return t if ndim == 1 else t.view(shape)
+        tensor_bytes = self.raw[offset : offset + nbytes] if nbytes else _EMPTY
+        if self.raw_tensors:
+            return RawTensor(tensor_bytes, dtype, shape)
+        return _make_tensor(tensor_bytes, dtype, shape, self.copy)
 
     def np_dtype(self, text: bytes, scalar: bool = False) -> np.dtype[Any]:
         if len(text) > _MAX_DTYPE_STR:
@@ -423,6 +488,21 @@ def decode(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False, 
     ``bytes`` for all Python knows) and are meant to be copied, e.g. by ``torch.stack``. numpy arrays
     are copied either way.
     """
+    return _decode(data, allow_pickle, copy, False)
+
+
+def decode_raw_tensors(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False) -> Any:
+    """Internal, for :func:`pr_loader.collate.collate_raw` (which copies each batch column once): like
+    :func:`decode` (same checks, same CodecErrors), but each tensor is a :class:`RawTensor`, its bytes still
+    in ``data``. A sample with a tensor in a dict key decodes as ``decode`` does (a RawTensor is unhashable).
+    """
+    try:
+        return _decode(data, allow_pickle, False, True)
+    except NeedsTensor:
+        return decode(data, allow_pickle=allow_pickle)
+
+
+def _decode(data: bytes | bytearray | memoryview, allow_pickle: bool, copy: bool, raw_tensors: bool) -> Any:
     try:
         view = memoryview(data).cast("B")
     except (TypeError, ValueError) as exc:
@@ -441,12 +521,10 @@ def decode(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False, 
     end = _HEADER.size + skeleton_len
     if end > len(view):
         raise CodecError(f"truncated payload: skeleton needs {end} bytes, {len(view)} present")
-    if not copy and not _VIEW_WARNING_SPENT.is_set():
-        _spend_view_warning()
-    decoder = _Decoder(view[end:], allow_pickle, copy)
+    decoder = _Decoder(view[end:], allow_pickle, copy, raw_tensors)
     try:
         return decoder.unpack(view[_HEADER.size : end])
-    except CodecError:
+    except (CodecError, NeedsTensor):
         raise
     except Exception as exc:
         raise CodecError(f"corrupt payload: {type(exc).__name__}: {exc}") from exc

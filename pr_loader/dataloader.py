@@ -28,6 +28,7 @@ reorder buffer) and commits them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import zlib
@@ -136,18 +137,23 @@ class _LoaderIter:
         source.ensure_plan(self.epoch)
         self.epoch_end = (self.epoch + 1) * source.steps_per_epoch
         self.pending: int | None = None
+        self.ahead: Callable[[], None] | None = None  # work to start once the current step is handed out
         self.yielded: set[int] = set()
         self.done = False
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
         threaded = not source.in_process()
-        # one thread claims, builds and commits, in order; another materialises ahead (encoding + writes).
-        # Not one thread per stage: on a couple of cores, threads fighting for the GIL (and for the core the
-        # Redis server needs) are slower than one thread working through the stages.
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pr_loader-ahead") if threaded else None
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="pr_loader-write") if threaded else None
+        # One thread claims, builds and commits, in order; another materialises ahead (encoding + writes).
+        # Not one thread per stage: measured on a couple of cores, a claim overlapping the build of another
+        # step (two steps ahead) or a commit on a thread of its own gained nothing; decoding, collating and
+        # parsing replies all hold the GIL, and the Redis server needs a core of its own.
+        self.pools = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"pr_loader-{stage}") if threaded else None
+            for stage in ("ahead", "write")
+        ]
+        self.pool, writer = self.pools
         self.background = _Background(self.pool)
         self.claimer = _Background(self.pool)
-        self.materialiser = _Background(self.writer)
+        self.materialiser = _Background(writer)
         self.committer = _Background(self.pool)
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
@@ -177,24 +183,40 @@ class _LoaderIter:
 
     def _claimed_ahead(self) -> Iterator[tuple[int, Any]]:
         """FixedBatch, a pipeline: while the caller works on step k, a background thread claims, decodes and
-        collates step k + 1 (and sends the commit of k - 1), another one materialises step k + 2; a step is
-        handed out as soon as it is built, the first of an epoch too."""
+        collates step k + 1 (after sending the commit of k - 1), another one materialises step k + 2; a step
+        is handed out as soon as it is built, the first of an epoch too. The work ahead of a step is started
+        by ``__next__`` only once the step is handed out (``self.ahead``): a thread woken earlier would take
+        the GIL from the hand-out. A claim waits (in its thread) for the materialisation it needs."""
         claims, claimer = self.source.claim_steps(self.epoch), self.claimer
-        claimer.start(self._claim_and_build, claims)
+
+        def ahead(step: int) -> None:
+            claimer.start(self._claim_and_build, claims, self.materialiser.future)
+            if step >= 0 and self.in_epoch(step + 2):  # (a requeued old step has nothing ahead to write)
+                self.materialiser.start(self._materialise_ahead, step + 2)
+
+        ahead(-1)
         while True:
             claimed, built = claimer.wait()
             if claimed is _END:
                 return
-            self.materialiser.wait()  # the step about to be claimed is written (or being written by no one)
-            claimer.start(self._claim_and_build, claims)
-            if self.in_epoch(claimed.step + 2):  # (a requeued old step has nothing ahead to write)
-                self.materialiser.start(self._materialise_ahead, claimed.step + 2)
-            item = built.wait()  # an error of a step is raised at its turn
-            if not isinstance(item, EmptyStep):
-                yield claimed.step, item
+            try:
+                item = built.wait()  # an error of a step is raised at its turn
+            except BaseException:
+                ahead(claimed.step)
+                raise
+            if isinstance(item, EmptyStep):
+                ahead(claimed.step)
+                continue
+            self.ahead = functools.partial(ahead, claimed.step)
+            yield claimed.step, item
 
-    def _claim_and_build(self, claims: Iterator[ClaimedStep]) -> tuple[Any, _Background]:
-        """Claim the next step and build it (an error of the build is kept for the step's turn)."""
+    def _claim_and_build(
+        self, claims: Iterator[ClaimedStep], written: Future[Any] | None
+    ) -> tuple[Any, _Background]:
+        """Claim the next step once ``written`` (the materialisation it needs) is done, and build it (an
+        error of the build is kept for the step's turn)."""
+        if written is not None:
+            written.result()  # (_materialise_ahead never fails: a claim that needs the step writes it)
         claimed = next(claims, _END)
         built = _Background(None)
         if claimed is not _END:
@@ -281,26 +303,30 @@ class _LoaderIter:
     def __next__(self) -> Any:
         if self.done:
             raise StopIteration
-        self.commit_pending(wait=False)
+        self.committer.wait()  # the commit the previous call sent: its error is raised here
         try:
             step, item = next(self.steps)
         except StopIteration:
-            self.committer.wait()
+            self.commit_pending()
             self.close(finished=True)
             raise
         except BaseException:
-            self.committer.wait()  # a failed commit explains more than the error it caused
+            self.commit_pending()  # the caller is done with the previous step; a failed commit explains more
             raise
         if step <= self.loader._known_committed:  # a requeued step of another consumer, or a lost commit?
             self.loader._check_not_behind()
-        self.pending = step
+        self.commit_pending(wait=False)  # the commit of the step before, then the work ahead: the pool
+        self.pending = step  # thread runs them in that order
         self.yielded.add(step)
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead()
         return item
 
     def __del__(self) -> None:  # an abandoned iterator: stop its threads without waiting for them
         if hasattr(self, "heartbeat"):
             self.heartbeat.stop()
-            for pool in (self.pool, self.writer):
+            for pool in self.pools:
                 if pool is not None:
                     pool.shutdown(wait=False)
 
@@ -315,7 +341,7 @@ class _LoaderIter:
             self.committer.wait()
         except Exception:  # close() must not fail; the step stays in flight and comes again
             logger.warning("committing the step before the last one failed", exc_info=True)
-        for pool in (self.pool, self.writer):
+        for pool in self.pools:
             if pool is not None:
                 pool.shutdown(wait=True)
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):

@@ -32,6 +32,7 @@ import torch
 import torch.utils.data as tud
 
 from pr_loader import codec
+from pr_loader.collate import collate_raw
 from pr_loader.errors import (
     CodecError,
     ConfigError,
@@ -507,21 +508,25 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         """The samples of a claimed step; an undecodable row is dead-lettered (kept in Redis with the
         reason) and left out, like :class:`LinkedDataProto` does.
 
-        With torch's ``default_collate`` the tensors are zero-copy views of the payloads: its
-        ``torch.stack`` is then the one copy (any other collate function gets private, writable tensors)."""
+        With torch's ``default_collate`` the tensors stay :class:`codec.RawTensor` records that
+        :meth:`collate` copies once per column; any other collate function gets private, writable tensors."""
         samples = []
-        copy = not (self.auto_collation and self.collate_fn is tud.default_collate)
+        raw = self.auto_collation and self.collate_fn is tud.default_collate
+        decode_row = codec.decode_raw_tensors if raw else codec.decode
         for row in claimed.rows:
             try:
-                samples.append(codec.decode(row.payload, allow_pickle=self.allow_pickle, copy=copy))
+                samples.append(decode_row(row.payload, allow_pickle=self.allow_pickle))
             except CodecError as exc:
                 logger.warning("step %d: dead-lettering row %s: %s", claimed.step, row.ref.encode(), exc)
                 self.shard().store.dead_letter(claimed.step, row.ref, f"undecodable payload: {exc}")
         return samples
 
     def collate(self, samples: list[Any]) -> Any:
-        """The user's collate function over the samples of one step (one sample without auto-collation)."""
+        """The user's collate function over the samples of one step (one sample without auto-collation);
+        torch's ``default_collate`` runs as :func:`pr_loader.collate.collate_raw` (see :meth:`decode`)."""
         if self.auto_collation:
+            if self.collate_fn is tud.default_collate:
+                return collate_raw(samples)
             return self.collate_fn(samples)
         if len(samples) != 1:
             raise StepStateError(f"a step without auto-collation must hold one sample, got {len(samples)}")

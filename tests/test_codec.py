@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import pickle
 import struct
@@ -18,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pr_loader import codec
-from pr_loader.codec import FORMAT_VERSION, MAGIC, decode, encode
+from pr_loader.codec import FORMAT_VERSION, MAGIC, NeedsTensor, RawTensor, decode, decode_raw_tensors, encode
+from pr_loader.collate import materialise
 from pr_loader.errors import CodecError
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
@@ -84,8 +84,10 @@ def assert_same(a: Any, b: Any, path: str = "x") -> None:
 
 
 def roundtrip(sample: Any, **kw: bool) -> Any:
-    out = decode(encode(sample, **kw), **kw)
+    payload = encode(sample, **kw)
+    out = decode(payload, **kw)
     assert_same(sample, out)
+    assert_same(out, materialise(decode_raw_tensors(payload, **kw)))  # the RawTensor mode decodes alike
     return out
 
 
@@ -161,6 +163,48 @@ def test_zero_copy_decode_checks_like_a_copying_one() -> None:
     payload = encode({"t": torch.arange(100)})
     with pytest.raises(CodecError, match="truncated"):
         decode(payload[:-8], copy=False)
+
+
+def test_raw_tensor_mode_defers_tensors() -> None:
+    sample: dict[str, Any] = {"ids": torch.arange(6).view(2, 3), "e": torch.empty(0, 2), "a": np.arange(2)}
+    payload = encode(sample)
+    out = decode_raw_tensors(payload)
+    ids, empty = out["ids"], out["e"]
+    assert type(ids) is RawTensor and (ids.dtype, ids.shape, ids.data.nbytes) == (torch.int64, (2, 3), 48)
+    assert type(empty) is RawTensor and empty.shape == (0, 2) and empty.data.nbytes == 0
+    assert type(out["a"]) is np.ndarray and repr(ids) == "RawTensor(dtype=torch.int64, shape=(2, 3))"
+    base = np.frombuffer(payload, np.uint8).ctypes.data
+    view, private = ids.tensor(copy=False), ids.tensor()
+    assert base <= view.data_ptr() < base + len(payload)
+    assert not base <= private.data_ptr() < base + len(payload)
+    private.add_(1)
+    assert_same(view, sample["ids"])
+    assert payload == encode(sample)
+    for use in (len, iter, hash, lambda r: r[0]):
+        with pytest.raises(NeedsTensor):
+            use(ids)
+
+
+def test_raw_tensor_mode_checks_like_decode() -> None:
+    payload = encode({"ids": torch.arange(4), "arr": np.arange(3), "s": "text", "t": (1, torch.ones(2))})
+    for cut in range(len(payload)):
+        with pytest.raises(CodecError):
+            decode_raw_tensors(payload[:cut])
+    with pytest.raises(CodecError, match="unknown tensor dtype code 200"):
+        decode_raw_tensors(frame(msgpack.packb(msgpack.ExtType(2, struct.pack("<BBQ", 200, 0, 0)))))
+    huge = struct.pack("<BBQ", 6, 2, 0) + struct.pack("<2Q", 2**31, 2**31)
+    with pytest.raises(CodecError, match="truncated"):
+        decode_raw_tensors(frame(msgpack.packb(msgpack.ExtType(2, huge))))
+    with pytest.raises(CodecError, match="pickled"):
+        decode_raw_tensors(encode([Custom(1)], allow_pickle=True))
+
+
+def test_raw_tensor_mode_decodes_tensor_keys_eagerly() -> None:
+    """A RawTensor cannot be hashed: a sample with tensors in its dict keys decodes like ``decode``."""
+    sample = {(1, torch.tensor(2)): torch.arange(3), "x": torch.ones(2)}
+    out = decode_raw_tensors(encode(sample))
+    assert all(type(v) is torch.Tensor for v in out.values())
+    assert [torch.equal(a, b) for a, b in zip(out.values(), sample.values())] == [True, True]
 
 
 @pytest.mark.filterwarnings("ignore:.*quantiz")
@@ -517,8 +561,13 @@ def test_property_corruption(
     if cut is not None:
         data = data[: cut % (len(data) + 1)]
     data += junk
-    with contextlib.suppress(CodecError):
-        decode(bytes(data))
+    try:
+        out = decode(bytes(data))
+    except CodecError:
+        with pytest.raises(CodecError):
+            decode_raw_tensors(bytes(data))
+    else:
+        assert_same(out, materialise(decode_raw_tensors(bytes(data))))
 
 
 def test_format_constants_are_stable() -> None:

@@ -1,0 +1,134 @@
+"""``default_collate`` for rows decoded by :func:`pr_loader.codec.decode_raw_tensors`: one copy per column.
+
+Why: ``default_collate`` over ``codec.decode(copy=False)`` rows pays for one ``torch.frombuffer`` view per
+tensor (~3 us) and then a ``torch.stack`` per column; for a step of many small rows (an RL step: 256 rows of
+8 KiB tensors) that is several times the cost of copying the bytes. Here a tensor stays a
+:class:`~pr_loader.codec.RawTensor` until its whole column is known; the rows' bytes are then joined straight
+from the payloads into one fresh buffer, seen as the tensor ``torch.stack`` would give (same dtype, shape
+and strides, memory of its own). Rows from 256 KiB go to ``torch.stack`` itself: its copy uses all of
+torch's threads, and per-row overhead no longer matters.
+
+Parity with ``default_collate`` holds by construction: torch's own recursion
+(``torch.utils.data._utils.collate.collate``) walks the containers, with the handlers of torch's current
+``default_collate_fn_map`` (registrations made there still apply), and off the fast path RawTensors become
+real tensors before torch's own handlers see them, so results and errors are torch's:
+
+* a column of RawTensors of one dtype and shape below 256 KiB, in the main process, under torch's own tensor
+  handler takes the fast path; otherwise (big rows, mixed values, different shapes, zero-size tensors, a
+  DataLoader worker, which stacks into shared memory) zero-copy views go to ``collate_tensor_fn``, whose
+  ``torch.stack`` copies;
+* any other column's handler gets rows whose RawTensors are private tensors;
+* a RawTensor where torch expects a container (a dict in row 0, a tensor in row 1) raises
+  :class:`~pr_loader.codec.NeedsTensor`, and the batch starts over from real tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
+
+from pr_loader.codec import NeedsTensor, RawTensor
+
+__all__ = ["collate_raw", "materialise"]
+
+CollateFnMap = dict[type | tuple[type, ...], Callable[..., Any]]
+Handlers = tuple[tuple[type | tuple[type, ...], Callable[..., Any]], ...]
+
+_ATOMS = frozenset({str, bytes, int, float, bool, type(None)})
+_STACK_ROW = 1 << 18  # from this row size torch.stack's multi-threaded copy beats one joining thread
+
+
+def materialise(obj: Any, copy: bool = True) -> Any:
+    """``obj`` with every RawTensor in it made a tensor (a private copy, or with ``copy=False`` a read-only
+    view of the payload); containers that hold none are returned as they are."""
+    kind = type(obj)
+    if kind is RawTensor:
+        return obj.tensor(copy)
+    if kind in _ATOMS:
+        return obj
+    if kind is dict:
+        values = [materialise(value, copy) for value in obj.values()]
+        if all(new is old for new, old in zip(values, obj.values())):
+            return obj
+        return dict(zip(obj, values))
+    if kind is list or kind is tuple:
+        items = [materialise(item, copy) for item in obj]
+        if all(new is old for new, old in zip(items, obj)):
+            return obj
+        return items if kind is list else tuple(items)
+    if kind is np.ndarray and obj.dtype.hasobject:
+        items = [materialise(item, copy) for item in obj.flat]
+        if all(new is old for new, old in zip(items, obj.flat)):
+            return obj
+        return np.fromiter(items, dtype=object, count=len(items)).reshape(obj.shape)
+    return obj
+
+
+def _stack(batch: list[RawTensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """``torch.stack`` of the rows' tensors: each row's bytes copied once, straight from its payload, into a
+    ``torch.empty`` tensor, so that the result is ``torch.stack``'s in every respect (torch's own aligned,
+    resizable storage: a bytearray's, or one numpy has seen, can never grow). The copy goes through a ctypes
+    view of the new tensor's memory, which leaves the storage's flags alone."""
+    out = torch.empty((len(batch), *shape), dtype=dtype)
+    size = batch[0].data.nbytes
+    dest = memoryview((ctypes.c_char * (size * len(batch))).from_address(out.data_ptr())).cast("B")
+    for i, row in enumerate(batch):
+        dest[i * size : (i + 1) * size] = row.data
+    return out
+
+
+def _collate_raw_column(batch: list[Any], *, collate_fn_map: CollateFnMap | None = None, stock: bool) -> Any:
+    """A column whose first row is a RawTensor (``stock``: torch's own tensor handler is in use)."""
+    if not stock:
+        return collate(materialise(batch), collate_fn_map=collate_fn_map)
+    first: RawTensor = batch[0]
+    dtype, shape = first.dtype, first.shape
+    if (
+        0 < first.data.nbytes < _STACK_ROW
+        and get_worker_info() is None
+        and all(type(row) is RawTensor and row.dtype is dtype and row.shape == shape for row in batch)
+    ):
+        return _stack(batch, dtype, shape)
+    views = [row.tensor(copy=False) if type(row) is RawTensor else row for row in batch]
+    return collate_tensor_fn(views, collate_fn_map=collate_fn_map)
+
+
+def _with_tensors(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """``handler`` (of torch's map), given the column with its RawTensors made private tensors."""
+
+    def wrapped(batch: list[Any], *, collate_fn_map: CollateFnMap | None = None) -> Any:
+        if not all(type(item) in _ATOMS for item in batch):  # (a cheap first look: str / int columns)
+            batch = materialise(batch)
+        return handler(batch, collate_fn_map=collate_fn_map)
+
+    return wrapped
+
+
+@functools.lru_cache(maxsize=8)
+def _fn_map(handlers: Handlers) -> CollateFnMap:
+    """A RawTensor-aware copy of torch's ``default_collate_fn_map`` (given as its items)."""
+    tensor_handler = next((fn for kind, fn in handlers if kind is torch.Tensor), None)
+    if tensor_handler is None:  # torch falls back to the first handler of a base class
+        tensor_handler = next((fn for kind, fn in handlers if issubclass(torch.Tensor, kind)), None)
+    fn_map: CollateFnMap = {
+        RawTensor: functools.partial(_collate_raw_column, stock=tensor_handler is collate_tensor_fn)
+    }
+    fn_map.update((kind, _with_tensors(fn)) for kind, fn in handlers)
+    return fn_map
+
+
+def collate_raw(rows: list[Any]) -> Any:
+    """``default_collate(materialise(rows))`` for rows made by :func:`pr_loader.codec.decode_raw_tensors`,
+    exactly (values, dtypes, containers, errors), but with one copy per tensor column."""
+    fn_map = _fn_map(tuple(default_collate_fn_map.items()))
+    try:
+        return collate(rows, collate_fn_map=fn_map)
+    except NeedsTensor:
+        return default_collate(materialise(rows))
