@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import redis
 
 from pr_loader.store import BatchStore
@@ -18,7 +19,7 @@ def test_staged_writes_survive_a_flushed_script_cache(
     client: redis.Redis, new_store: Callable[..., BatchStore]
 ) -> None:
     store = new_store()
-    client.script_flush()  # the transaction sends the script text: no NOSCRIPT, no stage key left behind
+    client.script_flush()  # the transaction's EVALSHA meets NOSCRIPT: the script is loaded and adopts them
     fill(store, range(2))
     claimed = store.claim("c", 60)
     assert claimed is not None
@@ -28,6 +29,30 @@ def test_staged_writes_survive_a_flushed_script_cache(
     assert _stage_keys(client, store) == []
     assert client.get(store.keys.payload(new.encode())) == b"partial"
     assert store.stats().payloads == 2 * store.config.batch_size + 1  # the old version stays until GC
+
+
+def test_a_crash_right_after_noscript_leaves_only_expiring_stages(
+    client: redis.Redis, new_store: Callable[..., BatchStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = new_store()
+    fill(store, range(2))
+    claimed = store.claim("c", 60)
+    assert claimed is not None
+    real = store._scripts["POSTPONE"]
+
+    class DiesBeforeRunning:  # the process is killed before the reloaded script adopts the stages
+        sha, script = real.sha, real.script
+
+        def __call__(self, **_: object) -> object:
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(store._scripts, "POSTPONE", DiesBeforeRunning())
+    client.script_flush()
+    rows = [(row.ref, b"partial") for row in claimed.rows[:2]]
+    with pytest.raises(KeyboardInterrupt):
+        store.postpone(claimed.step, "c", rows, claimed.step + 1)
+    stages = _stage_keys(client, store)
+    assert len(stages) == 2 and all(0 < client.ttl(key) <= 3600 for key in stages)
 
 
 def test_refused_staged_writes_leave_nothing(
