@@ -316,8 +316,7 @@ class _LoaderIter:
     def __next__(self) -> Any:
         if self.done:
             raise StopIteration
-        self.committer.wait()  # the commit the previous call sent: its error is raised here
-        try:
+        try:  # (the commit the previous call sent runs meanwhile; commit_pending raises its error)
             step, item = next(self.steps)
         except StopIteration:
             self.commit_pending()
