@@ -102,12 +102,31 @@ def materialised_loader(data: Any, url: str, batch: int, epochs: int = 1, seed: 
     loader = DataLoader(
         data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed), redis_url=url
     )
-    source = loader.source
-    for epoch in range(epochs):
-        source.ensure_plan(epoch)
-        for step in range(epoch * source.steps_per_epoch, (epoch + 1) * source.steps_per_epoch):
-            source.materialise(step)
+    for _ in range(epochs):
+        materialise_next_epoch(loader)
     return loader
+
+
+def materialise_next_epoch(loader: DataLoader) -> None:
+    """Write the first epoch not yet in Redis, then wait for the AOF rewrite those writes may have started:
+    a forked child writing the whole dataset would slow whichever side is timed while it runs."""
+    source = loader.source
+    epoch = source.current_epoch()
+    while source.shard().store.is_materialised(epoch * source.steps_per_epoch):
+        epoch += 1
+    source.ensure_plan(epoch)
+    for step in range(epoch * source.steps_per_epoch, (epoch + 1) * source.steps_per_epoch):
+        source.materialise(step)
+    quiet(source.shard().client)
+
+
+def quiet(client: Any) -> None:
+    """Wait until Redis has no background rewrite or save running."""
+    while True:
+        info = client.info("persistence")
+        if not info.get("aof_rewrite_in_progress") and not info.get("rdb_bgsave_in_progress"):
+            return
+        time.sleep(0.05)
 
 
 def bench_prefetch(url: str, data: list[dict[str, Any]], epochs: int, materialised: bool) -> dict[str, str]:
@@ -151,7 +170,7 @@ def bench_data_path(url: str, data: list[dict[str, Any]], epochs: int) -> dict[s
     runs of raw LRANGEs alternate (the VM's load drifts); both are per-step medians (ours: the time between
     consecutive batches of an epoch, the epoch's start being iterator setup)."""
     rounds = 2 * epochs
-    loader = materialised_loader(data, url, BATCH, rounds + 1)
+    loader = materialised_loader(data, url, BATCH)
     client = redis.Redis.from_url(url)
     steps = len(data) // BATCH
     raw_keys = [f"bench:raw:{s}" for s in range(steps)]
@@ -161,6 +180,7 @@ def bench_data_path(url: str, data: list[dict[str, Any]], epochs: int) -> dict[s
     ours_times: list[float] = []
     raw_times: list[float] = []
     for _ in range(rounds):
+        materialise_next_epoch(loader)  # (one epoch ahead: the Redis footprint stays two epochs)
         it = iter(loader)
         next(it)
         t0 = time.perf_counter()
@@ -173,6 +193,7 @@ def bench_data_path(url: str, data: list[dict[str, Any]], epochs: int) -> dict[s
             client.lrange(key, 0, -1)
             raw_times.append(time.perf_counter() - t0)
     loader.close()
+    quiet(client)
     # the same path without the pipeline around it: claim -> decode -> collate of one step, then its commit
     # (untimed), each step followed by the raw read of one list
     source = loader.source
@@ -211,7 +232,7 @@ def bench_big(url: str, epochs: int) -> dict[str, str]:
     n, batch = 256, 16  # 16 steps per epoch: an epoch start (iterator setup, first claim) is not the rate
     data = [{"blob": torch.full((MiB,), i % 251, dtype=torch.uint8)} for i in range(n)]
     rounds = 2 * epochs
-    loader = materialised_loader(data, url, batch, rounds)
+    loader = materialised_loader(data, url, batch)
     client = redis.Redis.from_url(url)
     raw_bytes = 0
     for i in range(n):
@@ -219,7 +240,10 @@ def bench_big(url: str, epochs: int) -> dict[str, str]:
         raw_bytes += len(payload)
         client.set(f"bench:big:{i}", payload)
     ours_s = raw_s = 0.0
-    for _ in range(rounds):
+    for r in range(rounds):
+        if r:
+            materialise_next_epoch(loader)  # (the Redis footprint stays two epochs of ours + the raw keys)
+        quiet(client)
         t0 = time.perf_counter()
         for _batch in loader:
             pass
