@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/bench_store.py [--rows 256] [--payload 25000] [--moved 16] [--iters 60]
 
 Starts its own redis-server (temp dir, free port, never 6379, AOF off unless --fsync is given), then per
-step: materialise (untimed), claim, prefetch --moved rows from the next step, postpone --moved rows two steps
-ahead, commit. In steady state every claim delivers exactly --rows rows (arrivals + fresh). The raw baseline
-moves the same payload bytes with plain pipelined list commands on lists that hold the payloads themselves
+step: materialise a step ahead, claim, prefetch --moved rows from the next step, postpone --moved rows two
+steps ahead, commit. In steady state every claim delivers exactly --rows rows (arrivals + fresh). The raw
+baseline moves the same payload bytes with plain pipelined commands on lists that hold the payloads themselves
 (claim: LRANGE + DEL of a batch list written as long before as the store's batch; prefetch: LPOP; postpone:
-RPUSH), interleaved with the store calls in the same run, before them on odd steps and after them on even
-ones (the first read after materialise's big writes is slower, whoever does it). A second pass with 64-byte
-payloads measures the bookkeeping cost alone. Prints a markdown table.
+RPUSH) or, for materialise, one SET per payload (an RPUSH of all of them is slower here: redis-py's packer
+copies one huge command slowly), interleaved with the store calls in the same run, before them on odd steps
+and after them on even ones (the first read after materialise's big writes is slower, whoever does it). A
+second pass with 64-byte payloads measures the bookkeeping cost alone. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def run(
     blob = os.urandom(size)
     payloads = [blob[:-8] + i.to_bytes(8, "little") for i in range(rows)]
     t: dict[str, list[float]] = {k: [] for k in ("claim", "commit", "claim+commit", "prefetch", "postpone",
-                                                 "raw claim", "raw prefetch", "raw postpone")}
+                                                 "materialise", "raw claim", "raw prefetch", "raw postpone",
+                                                 "raw materialise")}
     raw_target = f"raw:{tag}:target"
 
     def raw_batch(s: int) -> str:
@@ -97,8 +99,11 @@ def run(
     for s in range(3):
         materialise(s)
     warmup = 5
+    raw_keys = [f"raw:{tag}:set:{i}" for i in range(rows)]
     for s in range(iters + warmup):
-        materialise(s + 3)
+        with timed(t["materialise"]):
+            store.materialise(s + 3, [((s + 3) * rows + i, payloads[i]) for i in range(rows)])
+        client.rpush(raw_batch(s + 3), *payloads)
         client.delete(raw_target)
         claim: list[float] = []
         commit: list[float] = []
@@ -127,12 +132,19 @@ def run(
             store.commit(s, "bench")
         if s % 2 == 0:
             raw_ops(s)
+        pipe = client.pipeline(transaction=False)  # (last: its big writes would slow the reads after them)
+        for key, payload in zip(raw_keys, payloads):
+            pipe.set(key, payload)
+        with timed(t["raw materialise"]):  # one key per payload, like the store
+            pipe.execute()
+        client.delete(*raw_keys)
         if s >= warmup:
             t["claim"] += claim
             t["commit"] += commit
             t["claim+commit"].append(claim[0] + commit[0])
         else:
-            for key in ("prefetch", "postpone", "raw claim", "raw prefetch", "raw postpone"):
+            for key in ("prefetch", "postpone", "materialise", "raw claim", "raw prefetch", "raw postpone",
+                        "raw materialise"):
                 t[key].clear()
     client.delete(raw_target, *(raw_batch(i) for i in range(iters + warmup + 3)))
     store.delete_run()
@@ -163,10 +175,12 @@ def main() -> None:
           "| target |")
     print("|---|---|---|---|---|---|---|---|")
     for op, raw, target in (("claim+commit", "raw claim", "<= 1.5x raw"), ("claim", "raw claim", "-"),
-                            ("prefetch", "raw prefetch",
-                            "<= 1.5x raw"), ("postpone", "raw postpone", "<= 1.5x raw")):
+                            ("prefetch", "raw prefetch", "<= 1.5x raw"),
+                            ("postpone", "raw postpone", "<= 1.5x raw"),
+                            ("materialise", "raw materialise", "-")):
         ratio = pct(big[op], 0.5) / pct(big[raw], 0.5)
-        print(f"| {op} ({args.rows if op.startswith('claim') else args.moved} rows) | {args.payload} B "
+        count = args.moved if op in ("prefetch", "postpone") else args.rows
+        print(f"| {op} ({count} rows) | {args.payload} B "
               f"| {pct(big[op], .5):.2f} | {pct(big[op], .99):.2f} | {pct(big[raw], .5):.2f} "
               f"| {pct(big[raw], .99):.2f} | {ratio:.2f}x | {target} |")
     for op, target in (("claim+commit", 2.0), ("claim", None), ("commit", None), ("prefetch", 2.0),
