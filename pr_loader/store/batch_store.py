@@ -224,10 +224,14 @@ class BatchStore:
             return res
 
         reply, payloads, _ = self._retrying(run)
-        if isinstance(payloads, Exception):
-            logger.info("Redis at %s refused SORT ... GET (%s); reading payloads with MGET from now on",
-                        self._address(), payloads)
-            self._payload_pattern = None
+        if isinstance(payloads, Exception):  # read them with MGET (which reports a failing server itself)
+            if isinstance(payloads, redis.exceptions.NoPermissionError) or "denied" in str(payloads):
+                logger.info("Redis at %s refused SORT ... GET (%s); reading payloads with MGET from now on",
+                            self._address(), payloads)
+                self._payload_pattern = None
+            else:
+                logger.warning("SORT ... GET failed at %s (%s); reading payloads with MGET", self._address(),
+                               payloads)
             return list(reply), None
         return list(reply), list(payloads) if reply[0] == b"ok" else None
 
