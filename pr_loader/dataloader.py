@@ -124,7 +124,7 @@ class _Background:
             self.future.set_exception(exc)
 
     def wait(self) -> Any:
-        future, self.future = self.future, None
+        future, self.future, self.call = self.future, None, None
         return None if future is None else future.result()
 
     def take(self) -> Any:

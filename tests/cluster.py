@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from tests.servers import REDIS_CLI, RedisServer, free_port
+from tests.servers import REDIS_CLI, REDIS_SERVER, RedisServer, free_port
 
 
 class LocalCluster:
@@ -77,3 +79,13 @@ class LocalCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+def running_cluster(directory: Path) -> Iterator[LocalCluster]:
+    """Body of a cluster fixture: a started LocalCluster in ``directory``, stopped afterwards (skips the test
+    when the redis binaries are missing)."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.skip("redis-server / redis-cli binaries not installed")
+    cluster = LocalCluster(directory).start()
+    yield cluster
+    cluster.stop()

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import LocalCluster
-from tests.servers import REDIS_CLI, REDIS_SERVER, RedisServer
+from tests.cluster import LocalCluster, running_cluster
+from tests.servers import REDIS_SERVER, RedisServer
 from tests.tls import TlsFiles, TlsRedisServer, make_certs
 
 
@@ -23,11 +23,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A local 3-master Redis Cluster (no replicas, no AOF), shared by the tests of a module."""
-    if REDIS_SERVER is None or REDIS_CLI is None:
-        pytest.skip("redis-server / redis-cli binaries not installed")
-    cluster = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
-    yield cluster
-    cluster.stop()
+    yield from running_cluster(tmp_path_factory.mktemp("cluster"))
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,13 @@ import pytest
 from redis.cluster import RedisCluster
 
 from pr_loader.store.connection import connect
-from tests.cluster import LocalCluster
-from tests.servers import REDIS_CLI, REDIS_SERVER
+from tests.cluster import LocalCluster, running_cluster
 
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A local 3-master Redis Cluster (no replicas, no AOF) on free ports, stopped at the end."""
-    if REDIS_SERVER is None or REDIS_CLI is None:
-        pytest.skip("redis-server / redis-cli binaries not installed")
-    local = LocalCluster(tmp_path_factory.mktemp("cluster-suite")).start()
-    yield local
-    local.stop()
+    yield from running_cluster(tmp_path_factory.mktemp("cluster-suite"))
 
 
 @pytest.fixture(scope="session")

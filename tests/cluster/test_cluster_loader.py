@@ -23,6 +23,11 @@ DATA = [{"i": torch.tensor(i), "ids": torch.tensor([i, -i]), "prompt": f"p{i}"} 
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def rank_loader(cluster: LocalCluster, run_id: str, rank: int, world: int, **options: Any) -> prl.DataLoader:
+    """A loader of DATA for one rank of ``run_id`` on the cluster (``options``: any other loader argument)."""
+    return prl.DataLoader(DATA, redis_url=cluster.url, run_id=run_id, rank=rank, world_size=world, **options)
+
+
 def owner_of(client: RedisCluster, key: str) -> str:
     """host:port of the master that owns ``key``'s slot (CLUSTER KEYSLOT + CLUSTER SLOTS)."""
     slot = int(client.cluster_keyslot(key))
@@ -103,15 +108,7 @@ def test_ranks_yield_disjoint_distributed_shards_spread_over_masters(
     purge(cluster, run_id)
     got: dict[int, list[list[dict[str, Any]]]] = {}
     for rank in range(world):
-        loader = prl.DataLoader(
-            DATA,
-            batch_size=batch_size,
-            shuffle=True,
-            redis_url=cluster.url,
-            run_id=run_id,
-            rank=rank,
-            world_size=world,
-        )
+        loader = rank_loader(cluster, run_id, rank, world, batch_size=batch_size, shuffle=True)
         try:
             got[rank] = [list(loader) for _ in range(epochs)]
             assert loader.state_dict()["step"] == epochs * len(loader) - 1
@@ -156,16 +153,7 @@ def test_resume_with_state_dict_equals_an_uninterrupted_run(
     total = epochs * N // world // batch_size
 
     def make(run: str) -> prl.DataLoader:
-        return prl.DataLoader(
-            DATA,
-            batch_size=batch_size,
-            shuffle=True,
-            redis_url=cluster.url,
-            run_id=run,
-            rank=rank,
-            world_size=world,
-            retain_steps=4,
-        )
+        return rank_loader(cluster, run, rank, world, batch_size=batch_size, shuffle=True, retain_steps=4)
 
     straight = make(run_id + "-straight")
     try:
@@ -198,16 +186,9 @@ def test_linked_postpone_to_next_across_steps(cluster: LocalCluster, run_id: str
     for rank in range(world):
         shard = list(tud.DistributedSampler(DATA, num_replicas=world, rank=rank, shuffle=False))
         plan = [shard[s * batch_size : (s + 1) * batch_size] for s in range(len(shard) // batch_size)]
-        loader = prl.DataLoader(
-            DATA,
-            batch_size=batch_size,
-            shuffle=False,
-            linked=True,
+        loader = rank_loader(
+            cluster, run_id, rank, world, batch_size=batch_size, shuffle=False, linked=True,
             policy="PostponeToNext",
-            redis_url=cluster.url,
-            run_id=run_id,
-            rank=rank,
-            world_size=world,
         )
         try:
             it = iter(loader)

@@ -168,30 +168,27 @@ def run_ids_on_distinct_masters(client: RedisCluster, count: int) -> list[str]:
     raise AssertionError(f"could not place {count} shards on distinct masters: {chosen}")
 
 
-def command_calls(cluster: LocalCluster, command: str) -> dict[str, int]:
-    """Calls of ``command`` per master (INFO commandstats)."""
-    calls = {}
+def per_master(cluster: LocalCluster, section: str, field: str, counter: str) -> dict[str, int]:
+    """``counter`` of ``field`` in INFO ``section`` on each master (0 where the field is absent)."""
+    values = {}
     for i, address in enumerate(cluster.addresses()):
         node = cluster.plain_client(i)
         try:
-            stats = node.info("commandstats")
+            stats = node.info(section)
         finally:
             node.close()
-        calls[address] = int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
-    return calls
+        values[address] = int(stats.get(field, {}).get(counter, 0))
+    return values
+
+
+def command_calls(cluster: LocalCluster, command: str) -> dict[str, int]:
+    """Calls of ``command`` per master (INFO commandstats)."""
+    return per_master(cluster, "commandstats", f"cmdstat_{command}", "calls")
 
 
 def crossslot_errors(cluster: LocalCluster) -> dict[str, int]:
     """CROSSSLOT error replies per master since it started (INFO errorstats)."""
-    errors = {}
-    for i, address in enumerate(cluster.addresses()):
-        node = cluster.plain_client(i)
-        try:
-            stats = node.info("errorstats")
-        finally:
-            node.close()
-        errors[address] = int(stats.get("errorstat_CROSSSLOT", {}).get("count", 0))
-    return errors
+    return per_master(cluster, "errorstats", "errorstat_CROSSSLOT", "count")
 
 
 # ------------------------------------------------------------------------------------------------ tests
