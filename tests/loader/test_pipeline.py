@@ -97,3 +97,40 @@ def test_a_task_the_worker_has_not_started_runs_on_the_callers_thread() -> None:
     assert started.take() != threading.get_ident()  # already running on the worker: waited for
     pool.shutdown(wait=True)
     assert ran_on == [threading.get_ident()]  # and only here: the worker never ran it
+
+
+def test_the_background_threads_last_from_epoch_to_epoch_until_close(redis_server: RedisServer) -> None:
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url)
+
+    def ours() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith(("pr_loader-ahead", "pr_loader-write"))}
+
+    before = ours()
+    first = list(loader)
+    threads = ours() - before
+    assert sorted(t.name.rsplit("_", 1)[0] for t in threads) == ["pr_loader-ahead", "pr_loader-write"]
+    second = list(loader)
+    assert ours() - before == threads  # the same threads, no new ones
+    assert_same_epochs([list(tud.DataLoader(DATA, batch_size=B))] * 2, [first, second])
+    loader.close()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def test_closing_an_iterator_waits_for_its_background_tasks(redis_server: RedisServer) -> None:
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url)
+    it = iter(loader)
+    next(it)
+    gate, finished = threading.Event(), threading.Event()
+    pool = it.pools[0]
+    assert pool is not None
+    pool.submit(lambda: (gate.wait(10), finished.set()))  # a task of this iterator, still running
+    closer = threading.Thread(target=it.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive() and not finished.is_set()  # close() waits for it ...
+    gate.set()
+    closer.join(10)
+    assert finished.is_set()  # ... and returns once it is done
+    loader.close()
