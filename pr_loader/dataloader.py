@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -471,6 +472,7 @@ class DataLoader(tud.DataLoader[Any]):
         self._started = False
         self._known_committed = -1  # the highest step this loader committed, checkpointed or restored
         self._pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._pools_pid = 0  # the process that made them: a forked child has none of their threads
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> _LoaderIter:  # type: ignore[override]
@@ -485,12 +487,14 @@ class DataLoader(tud.DataLoader[Any]):
     def _thread_pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
         """The background threads of the iterators (claim, build and commit; materialise ahead), one each,
         made on first use and kept until :meth:`close`: threads made afresh every epoch cost its first steps
-        up to 10% more (measured: thread start, and a new malloc arena whose pages fault in again)."""
-        if self._pools is None:
+        up to 10% more (measured: thread start, and a new malloc arena whose pages fault in again). A forked
+        child makes its own: it inherits the pools but not their threads."""
+        if self._pools is None or self._pools_pid != os.getpid():
             self._pools = (
                 ThreadPoolExecutor(1, thread_name_prefix="pr_loader-ahead"),
                 ThreadPoolExecutor(1, thread_name_prefix="pr_loader-write"),
             )
+            self._pools_pid = os.getpid()
         return self._pools
 
     def _pin(self, batch: Any) -> Any:

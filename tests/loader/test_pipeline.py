@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -133,4 +134,26 @@ def test_closing_an_iterator_waits_for_its_background_tasks(redis_server: RedisS
     gate.set()
     closer.join(10)
     assert finished.is_set()  # ... and returns once it is done
+    loader.close()
+
+
+def _next_epoch_in_child(loader: prl.DataLoader, out: Any) -> None:
+    out.put([batch["i"].tolist() for batch in loader])
+    loader.close()
+
+
+def test_a_forked_child_makes_its_own_threads(redis_server: RedisServer) -> None:
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url)
+    first = [batch["i"].tolist() for batch in loader]  # the parent's threads exist now
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_next_epoch_in_child, args=(loader, out))
+    child.start()
+    try:
+        second = out.get(timeout=30)  # inherited pools without threads would never run the claim
+        child.join(30)
+        assert child.exitcode == 0
+    finally:
+        child.kill()
+    assert first == second == [list(range(i, i + B)) for i in range(0, len(DATA), B)]
     loader.close()
