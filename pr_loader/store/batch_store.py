@@ -282,7 +282,7 @@ class BatchStore:
                     raise LeaseLost(f"step {held[0]} was taken from {held[1]!r} while its rows were read")
                 raise StoreError(f"payload of row {ref!r} of run {self._config.run_id!r} is gone "
                                  "(rolled back or collected meanwhile?)")
-            rows.append(StoredRow(RowRef.parse(ref), payload))
+            rows.append(StoredRow(ref, payload))
         return rows
 
     def _holds(self, step: int, consumer_id: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from pr_loader.errors import ConfigError, StoreError
 
@@ -77,10 +78,18 @@ class RowRef:
 
 @dataclass
 class StoredRow:
-    """One row of a step: its ref and payload bytes."""
+    """One row of a step: its ref string and payload bytes.
 
-    ref: RowRef
+    ``ref`` is parsed on first use: a loader that collates a step never needs it, and parsing the refs of a
+    256-row step cost ~0.35 ms of a ~6 ms claim."""
+
+    ref_text: str
     payload: bytes
+
+    @cached_property
+    def ref(self) -> RowRef:
+        """The parsed ref; StoreError if it is malformed."""
+        return RowRef.parse(self.ref_text)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pr_loader.errors import (
     RunConfigMismatch,
     RunNotFound,
     StepStateError,
+    StoreError,
     UnsupportedSchema,
 )
 from pr_loader.store import BatchStore, RowRef
@@ -132,6 +133,21 @@ def test_claim_in_step_order_with_payloads(store: BatchStore) -> None:
     for s in range(6):
         store.commit(s, "c", now=1)
     assert store.claim("c", 10, now=1) is None
+
+
+def test_a_rows_ref_is_parsed_when_used(store: BatchStore, client: redis.Redis) -> None:
+    """Refs are parsed lazily (a collating loader never needs them): a damaged ref in Redis still delivers
+    its payload, and raises StoreError only where the ref is used."""
+    fill(store, [0])
+    client.lset(store.keys.batch(0), 1, "not-a-ref")
+    client.set(store.keys.payload("not-a-ref"), b"kept")
+    claimed = store.claim("c", 10, now=0)
+    assert claimed is not None
+    good, damaged = claimed.rows[:2]
+    assert good.ref_text == "0:0:0:-" and good.ref == RowRef(0, 0) and good.ref is good.ref
+    assert damaged.ref_text == "not-a-ref" and damaged.payload == b"kept"
+    with pytest.raises(StoreError, match="malformed row ref 'not-a-ref'"):
+        _ = damaged.ref
 
 
 def test_claim_needs_materialisation(new_store: NewStore) -> None:
