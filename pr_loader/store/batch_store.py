@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import msgpack
 import redis
@@ -264,7 +264,7 @@ class BatchStore:
         A payload can only vanish meanwhile if the step stopped being ours (an expiry or rollback undid it):
         with ``held=(step, consumer)`` that is reported as LeaseLost.
         """
-        refs = [_text(r) for r in raw_refs]
+        refs = [r.decode() for r in raw_refs]
         if payloads is None or len(payloads) != len(refs):
             names = [self._keys.payload(r) for r in refs]
 
@@ -275,15 +275,13 @@ class BatchStore:
                 return out
 
             payloads = self._retrying(read) if names else []
-        rows = []
-        for ref, payload in zip(refs, payloads):
-            if payload is None:
-                if held is not None and not self._holds(*held):
-                    raise LeaseLost(f"step {held[0]} was taken from {held[1]!r} while its rows were read")
-                raise StoreError(f"payload of row {ref!r} of run {self._config.run_id!r} is gone "
-                                 "(rolled back or collected meanwhile?)")
-            rows.append(StoredRow(ref, payload))
-        return rows
+        if None in payloads:
+            ref = refs[payloads.index(None)]
+            if held is not None and not self._holds(*held):
+                raise LeaseLost(f"step {held[0]} was taken from {held[1]!r} while its rows were read")
+            raise StoreError(f"payload of row {ref!r} of run {self._config.run_id!r} is gone "
+                             "(rolled back or collected meanwhile?)")
+        return list(map(StoredRow, refs, cast(list[bytes], payloads)))
 
     def _holds(self, step: int, consumer_id: str) -> bool:
         def read() -> list[Any]:

@@ -150,6 +150,13 @@ def test_a_rows_ref_is_parsed_when_used(store: BatchStore, client: redis.Redis) 
         _ = damaged.ref
 
 
+def test_a_payload_gone_while_the_step_is_held_is_an_error(store: BatchStore, client: redis.Redis) -> None:
+    fill(store, [0])
+    client.delete(store.keys.payload("0:2:0:-"))  # (only a bug or a hand in Redis could do this)
+    with pytest.raises(StoreError, match=r"payload of row .0:2:0:-. .* is gone"):
+        store.claim("c", 10, now=0)
+
+
 def test_claim_needs_materialisation(new_store: NewStore) -> None:
     store = new_store()
     with pytest.raises(NeedsMaterialisation) as info:
