@@ -18,6 +18,7 @@ from pr_loader.server import FAKE_URL
 from tests.loader.conftest import assert_same_epochs
 from tests.servers import RedisServer
 
+POOL_THREADS = ("pr_loader-ahead", "pr_loader-write", "pr_loader-commit")
 DATA: Any = [{"x": torch.arange(4) + 10 * i, "y": torch.full((2, 3), float(i)), "i": i} for i in range(24)]
 B = 4
 
@@ -104,12 +105,12 @@ def test_the_background_threads_last_from_epoch_to_epoch_until_close(redis_serve
     loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url)
 
     def ours() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if t.name.startswith(("pr_loader-ahead", "pr_loader-write"))}
+        return {t for t in threading.enumerate() if t.name.startswith(POOL_THREADS)}
 
     before = ours()
     first = list(loader)
     threads = ours() - before
-    assert sorted(t.name.rsplit("_", 1)[0] for t in threads) == ["pr_loader-ahead", "pr_loader-write"]
+    assert sorted(t.name.rsplit("_", 1)[0] for t in threads) == sorted(POOL_THREADS)
     second = list(loader)
     assert ours() - before == threads  # the same threads, no new ones
     assert_same_epochs([list(tud.DataLoader(DATA, batch_size=B))] * 2, [first, second])
@@ -156,4 +157,38 @@ def test_a_forked_child_makes_its_own_threads(redis_server: RedisServer) -> None
     finally:
         child.kill()
     assert first == second == [list(range(i, i + B)) for i in range(0, len(DATA), B)]
+    loader.close()
+
+
+def test_a_commit_is_sent_by_the_commit_thread_after_the_next_claims_read(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step k's commit goes out once the claim of step k + 2 has read its payloads, so the server deletes
+    the payloads that leave the retained window while the batch is built, not while a claim waits."""
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url)
+    store = loader.source.shard().store
+    events: list[tuple[str, int, str]] = []
+    claim, commit = store.claim, store.commit
+
+    def claimed(*args: Any, **kwargs: Any) -> Any:
+        got = claim(*args, **kwargs)
+        events.append(("claim", -1 if got is None else got.step, threading.current_thread().name))
+        return got
+
+    def committed(step: int, *args: Any, **kwargs: Any) -> None:
+        events.append(("commit", step, threading.current_thread().name))
+        commit(step, *args, **kwargs)
+
+    monkeypatch.setattr(store, "claim", claimed)
+    monkeypatch.setattr(store, "commit", committed)
+    got = list(loader)
+    assert_same_epochs([list(tud.DataLoader(DATA, batch_size=B))], [got])
+    steps = len(DATA) // B
+    commits = [(i, step, thread) for i, (kind, step, thread) in enumerate(events) if kind == "commit"]
+    assert [step for _, step, _ in commits] == list(range(steps))
+    claims = {step: i for i, (kind, step, _) in enumerate(events) if kind == "claim"}
+    for i, step, thread in commits[:-1]:  # (the last one is the end of the epoch's, on the caller's thread)
+        assert thread.startswith("pr_loader-commit")
+        if step + 2 < steps:
+            assert i > claims[step + 2]
     loader.close()
