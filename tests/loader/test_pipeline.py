@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -78,27 +77,6 @@ def test_new_iter_after_closing_the_last_one(redis_server: RedisServer) -> None:
     it.close()
     got += list(loader)  # commits the batch handed out last, then continues
     assert_same_epochs([list(tud.DataLoader(DATA, batch_size=B))], [got])
-
-
-def test_a_task_the_worker_has_not_started_runs_on_the_callers_thread() -> None:
-    pool = ThreadPoolExecutor(1)
-    gate, running = threading.Event(), threading.Event()
-    busy = prl._Background(pool)
-    busy.start(lambda: (running.set(), gate.wait(10)))
-    assert running.wait(10)
-    ran_on: list[int] = []
-    queued = prl._Background(pool)
-    queued.start(lambda: ran_on.append(threading.get_ident()))
-    queued.take()  # the worker is busy: runs here
-    gate.set()
-    busy.wait()
-    started = prl._Background(pool)
-    running.clear()
-    started.start(lambda: (running.set(), time.sleep(0.05), threading.get_ident())[-1])
-    assert running.wait(10)
-    assert started.take() != threading.get_ident()  # already running on the worker: waited for
-    pool.shutdown(wait=True)
-    assert ran_on == [threading.get_ident()]  # and only here: the worker never ran it
 
 
 def test_the_background_threads_last_from_epoch_to_epoch_until_close(redis_server: RedisServer) -> None:
