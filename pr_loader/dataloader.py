@@ -135,6 +135,21 @@ class _Background:
         return None if future is None else future.result()
 
 
+class _DeferredCommit:
+    """A commit the claim ahead sends once its payloads are read, unless someone needs it sent sooner
+    (``state_dict()``, ``close()``): sent once, by whoever asks first."""
+
+    def __init__(self, send: Callable[[], None]) -> None:
+        self._send: Callable[[], None] | None = send
+        self._lock = threading.Lock()
+
+    def send(self) -> None:
+        with self._lock:
+            send, self._send = self._send, None
+        if send is not None:
+            send()
+
+
 class _LoaderIter:
     """One epoch of a :class:`DataLoader` (see the module docstring for commit points)."""
 
@@ -164,7 +179,8 @@ class _LoaderIter:
         self.claimer = _Background(self.pool)
         self.materialiser = _Background(writer)
         self.committer = _Background(self.pool)
-        self.commit_next: tuple[int, Future[None]] | None = None  # for the claim ahead to send (see ahead)
+        self.commit_next: _DeferredCommit | None = None  # for the claim ahead to send (see ahead)
+        self.deferred: _DeferredCommit | None = None  # the last one handed to a claim
         self.commit_with_claim = False
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
@@ -231,7 +247,7 @@ class _LoaderIter:
         self,
         claims: Iterator[ClaimedStep],
         written: Future[Any] | None,
-        commit: tuple[int, Future[None]] | None,
+        commit: _DeferredCommit | None,
     ) -> tuple[Any, _Background]:
         """Claim the next step once ``written`` (the materialisation it needs) is done, then send ``commit``
         (the step handed out before) and build the claimed step (an error of the build is kept for the step's
@@ -242,7 +258,7 @@ class _LoaderIter:
             claimed = next(claims, _END)
         finally:
             if commit is not None:
-                self._send_commit(*commit)
+                commit.send()
         built = _Background(None)
         if claimed is not _END:
             built.start(self._build, claimed)
@@ -325,6 +341,14 @@ class _LoaderIter:
 
         _Background(self.commit_pool).start(commit)
 
+    def _wait_commit(self) -> None:
+        """Wait for the commit sent last (sending it now if its claim has not yet: ``state_dict()`` and
+        ``close()`` need not wait for a claim)."""
+        deferred, self.deferred = self.deferred, None
+        if deferred is not None:
+            deferred.send()
+        self.committer.wait()
+
     def commit_pending(self, *, wait: bool = True) -> None:
         """Commit the step handed out last. ``wait=False`` (``next()``) sends the commit from a background
         thread so that the next batch is handed out at once; its error, if any, is raised by the next call
@@ -332,7 +356,7 @@ class _LoaderIter:
         claim started next sends it, once its payloads are read: Redis then deletes the payloads leaving the
         retained window while this process builds the batch, not while it waits for the claim's reply
         (measured side by side: 5% less time per epoch, p50 of 15, for 25 KiB and for 1 MiB rows)."""
-        self.committer.wait()
+        self._wait_commit()
         step, self.pending = self.pending, None
         if step is None:
             return
@@ -341,7 +365,8 @@ class _LoaderIter:
         elif self.commit_with_claim:
             done: Future[None] = Future()
             self.committer.adopt(done)
-            self.commit_next = (step, done)
+            send = functools.partial(self._send_commit, step, done)
+            self.commit_next = self.deferred = _DeferredCommit(send)
         else:
             self.committer.start(self._commit, step)
 
@@ -380,7 +405,7 @@ class _LoaderIter:
         self.done = True
         self.heartbeat.stop()
         try:
-            self.committer.wait()
+            self._wait_commit()
         except Exception:  # close() must not fail; the step stays in flight and comes again
             logger.warning("committing the step before the last one failed", exc_info=True)
         for pool in self.pools:  # wait for this iterator's tasks: each pool runs its tasks in order

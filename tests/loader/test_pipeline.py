@@ -170,3 +170,33 @@ def test_a_commit_is_sent_by_the_commit_thread_after_the_next_claims_read(
         if step + 2 < steps:
             assert i > claims[step + 2]
     loader.close()
+
+
+def test_state_dict_does_not_wait_for_the_claim_that_carries_the_commit(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit of the step before is handed to the claim ahead; a state_dict() while that claim still
+    waits (here: for a materialisation) sends the commit itself instead of waiting for the claim."""
+    gate = threading.Event()
+    materialise_ahead = prl._LoaderIter._materialise_ahead
+
+    def held(self: prl._LoaderIter, step: int) -> None:
+        gate.wait(30)
+        materialise_ahead(self, step)
+
+    monkeypatch.setattr(prl._LoaderIter, "_materialise_ahead", held)
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url)
+    it = iter(loader)
+    next(it), next(it)  # the claim ahead of step 2 carries step 0's commit and waits for step 2's writing
+    assert loader.source.position()[1] == -1  # nothing committed yet
+    state: list[dict[str, Any]] = []
+    checkpoint = threading.Thread(target=lambda: state.append(loader.state_dict()))
+    checkpoint.start()
+    checkpoint.join(10)
+    try:
+        assert not checkpoint.is_alive() and state[0]["step"] == 1  # steps 0 and 1 committed meanwhile
+    finally:
+        gate.set()
+    rest = [batch["i"].tolist() for batch in it]
+    assert rest == [list(range(i, i + B)) for i in range(2 * B, len(DATA), B)]
+    loader.close()
