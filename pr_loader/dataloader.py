@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +40,7 @@ import torch
 import torch.utils.data as tud
 from torch.utils.data._utils.pin_memory import pin_memory
 
+from pr_loader.background import Background, DeferredCommit, Heartbeat, no_op
 from pr_loader.dataset import EmptyStep, RedisBatchDataset, rank_and_world, shard_sampler
 from pr_loader.errors import (
     CommittedStepsLost,
@@ -65,10 +65,6 @@ def _identity(item: Any) -> Any:
     return item
 
 
-def _no_op() -> None:
-    pass
-
-
 def _stop_workers(iterator: object) -> None:
     """Shut the worker processes of a torch loader iterator down now (not at garbage collection), so that
     they claim nothing more."""
@@ -77,77 +73,7 @@ def _stop_workers(iterator: object) -> None:
         shutdown()
 
 
-class _Heartbeat:
-    """Renews the leases of this consumer's in-flight steps until stopped."""
-
-    def __init__(self, source: RedisBatchDataset, threaded: bool) -> None:
-        self.source = source
-        self.stopped = threading.Event()
-        if threaded:  # an in-process store has no other process that could take a lease over
-            threading.Thread(target=self._run, name="pr_loader-heartbeat", daemon=True).start()
-
-    def _run(self) -> None:
-        interval = self.source.lease_seconds / 3
-        while not self.stopped.wait(interval):
-            try:
-                store = self.source.shard().store
-                for step in self.source.inflight_mine():
-                    store.renew(step, self.source.consumer_id, self.source.lease_seconds)
-            except LeaseLost as exc:
-                logger.warning("heartbeat: %s", exc)
-            except StepStateError as exc:  # committed between listing and renewing it: nothing to keep
-                logger.debug("heartbeat: %s", exc)
-            except Exception:  # the loop must survive a passing Redis outage; the next beat retries
-                logger.exception("heartbeat of consumer %s failed", self.source.consumer_id)
-
-    def stop(self) -> None:
-        self.stopped.set()
-
-
 _END = object()
-
-
-class _Background:
-    """One background task at a time of one pipeline stage; stages share the worker thread of ``pool`` (their
-    tasks run in submission order). Runs tasks inline when ``pool`` is None (the in-process fakeredis store
-    is not safe for concurrent scripts)."""
-
-    def __init__(self, pool: ThreadPoolExecutor | None) -> None:
-        self.pool = pool
-        self.future: Future[Any] | None = None
-
-    def start(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self.pool is not None:
-            self.future = self.pool.submit(fn, *args)
-            return
-        self.future = Future()
-        try:
-            self.future.set_result(fn(*args))
-        except BaseException as exc:  # handed to wait(), like the pool does
-            self.future.set_exception(exc)
-
-    def adopt(self, future: Future[Any]) -> None:
-        """Let :meth:`wait` wait for ``future``, a task that is completed elsewhere."""
-        self.future = future
-
-    def wait(self) -> Any:
-        future, self.future = self.future, None
-        return None if future is None else future.result()
-
-
-class _DeferredCommit:
-    """A commit the claim ahead sends once its payloads are read, unless someone needs it sent sooner
-    (``state_dict()``, ``close()``): sent once, by whoever asks first."""
-
-    def __init__(self, send: Callable[[], None]) -> None:
-        self._send: Callable[[], None] | None = send
-        self._lock = threading.Lock()
-
-    def send(self) -> None:
-        with self._lock:
-            send, self._send = self._send, None
-        if send is not None:
-            send()
 
 
 class _LoaderIter:
@@ -175,12 +101,11 @@ class _LoaderIter:
             [*loader._thread_pools()] if threaded else [None, None, None]
         )
         self.pool, writer, self.commit_pool = self.pools
-        self.background = _Background(self.pool)
-        self.claimer = _Background(self.pool)
-        self.materialiser = _Background(writer)
-        self.committer = _Background(self.pool)
-        self.commit_next: _DeferredCommit | None = None  # for the claim ahead to send (see ahead)
-        self.deferred: _DeferredCommit | None = None  # the last one handed to a claim
+        self.background = Background(self.pool)
+        self.claimer = Background(self.pool)
+        self.materialiser = Background(writer)
+        self.committer = Background(self.pool)
+        self.deferred: DeferredCommit | None = None  # the due commit, for the next claim ahead to send
         self.commit_with_claim = False
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
@@ -190,7 +115,7 @@ class _LoaderIter:
             self.commit_with_claim = threaded
         else:  # a step's rows are known only when it is claimed: materialise ahead, claim on request
             self.steps = self._claim_on_request()
-        self.heartbeat = _Heartbeat(source, threaded)
+        self.heartbeat = Heartbeat(source, threaded)
 
     def __iter__(self) -> _LoaderIter:
         return self
@@ -222,8 +147,8 @@ class _LoaderIter:
         claims, claimer = self.source.claim_steps(self.epoch), self.claimer
 
         def ahead(step: int) -> None:
-            commit, self.commit_next = self.commit_next, None
-            claimer.start(self._claim_and_build, claims, self.materialiser.future, commit)
+            # (a commit handed to two claims is sent by the first one)
+            claimer.start(self._claim_and_build, claims, self.materialiser.future, self.deferred)
             if step >= 0 and self.in_epoch(step + 2):  # (a requeued old step has nothing ahead to write)
                 self.materialiser.start(self._materialise_ahead, step + 2)
 
@@ -247,8 +172,8 @@ class _LoaderIter:
         self,
         claims: Iterator[ClaimedStep],
         written: Future[Any] | None,
-        commit: _DeferredCommit | None,
-    ) -> tuple[Any, _Background]:
+        commit: DeferredCommit | None,
+    ) -> tuple[Any, Background]:
         """Claim the next step once ``written`` (the materialisation it needs) is done, then send ``commit``
         (the step handed out before) and build the claimed step (an error of the build is kept for the step's
         turn)."""
@@ -259,7 +184,7 @@ class _LoaderIter:
         finally:
             if commit is not None:
                 commit.send()
-        built = _Background(None)
+        built = Background(None)
         if claimed is not _END:
             built.start(self._build, claimed)
         return claimed, built
@@ -339,7 +264,7 @@ class _LoaderIter:
             else:
                 done.set_result(None)
 
-        _Background(self.commit_pool).start(commit)
+        Background(self.commit_pool).start(commit)
 
     def _wait_commit(self) -> None:
         """Wait for the commit sent last (sending it now if its claim has not yet: ``state_dict()`` and
@@ -366,7 +291,7 @@ class _LoaderIter:
             done: Future[None] = Future()
             self.committer.adopt(done)
             send = functools.partial(self._send_commit, step, done)
-            self.commit_next = self.deferred = _DeferredCommit(send)
+            self.deferred = DeferredCommit(send)
         else:
             self.committer.start(self._commit, step)
 
@@ -410,7 +335,7 @@ class _LoaderIter:
             logger.warning("committing the step before the last one failed", exc_info=True)
         for pool in self.pools:  # wait for this iterator's tasks: each pool runs its tasks in order
             if pool is not None:
-                pool.submit(_no_op).result()
+                pool.submit(no_op).result()
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):
             _stop_workers(self.worker_iter)
             self.loader._workers = None
