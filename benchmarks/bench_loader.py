@@ -129,10 +129,21 @@ def quiet(client: Any) -> None:
         time.sleep(0.05)
 
 
-def bench_prefetch(url: str, data: list[dict[str, Any]], epochs: int, materialised: bool) -> dict[str, str]:
+def work_in_python(seconds: float) -> None:
+    """A consumer busy in Python bytecode (holding the GIL, as a Python-heavy training step does)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def bench_prefetch(
+    url: str, data: list[dict[str, Any]], epochs: int, materialised: bool, busy: bool = False
+) -> dict[str, str]:
     """(a) wait for the next batch while the consumer works 20 ms per step (and then drops the batch, so that
     the timed ``next()`` does not include freeing the previous one); order identical to torch.
-    ``materialised``: the steps were written to Redis beforehand (else the loader writes them lazily)."""
+    ``materialised``: the steps were written to Redis beforehand (else the loader writes them lazily).
+    ``busy``: the consumer's 20 ms are Python bytecode holding the GIL, not a sleep (a GPU wait releases it),
+    so the loader's threads get the GIL only at the interpreter's switch interval (5 ms)."""
     if materialised:
         loader = materialised_loader(data, url, BATCH, epochs, seed=1)
     else:
@@ -152,11 +163,16 @@ def bench_prefetch(url: str, data: list[dict[str, Any]], epochs: int, materialis
             if k > 0:  # the first batch of an epoch has nothing to overlap with
                 waits.append(time.perf_counter() - t0)
             identical &= bool(torch.equal(batch["input_ids"], expected["input_ids"]))
-            time.sleep(0.02)
+            if busy:
+                work_in_python(0.02)
+            else:
+                time.sleep(0.02)
             del batch  # the consumer is done with it: freeing its 6 MB is its cost, not the next wait's
     waits.sort()
     loader.close()
     how = "steps already in Redis" if materialised else "lazy materialisation: dataset -> encode -> Redis"
+    if busy:
+        how += "; the consumer's 20 ms are Python holding the GIL"
     return {
         f"(a) wait for next batch, p50 (consumer works 20 ms/step; {how})": ms(statistics.median(waits)),
         f"(a) wait for next batch, p90 ({how})": ms(waits[int(len(waits) * 0.9)]),
@@ -364,6 +380,7 @@ def main() -> None:
     with redis_server() as url:
         rows.update(bench_prefetch(url, data, epochs, materialised=True))
         rows.update(bench_prefetch(url, data, epochs, materialised=False))
+        rows.update(bench_prefetch(url, data, epochs, materialised=True, busy=True))
         rows.update(bench_data_path(url, data, epochs))
         rows.update(bench_big(url, epochs))
         rows.update(bench_resume(url, [0.5] if args.quick else [0.1, 0.5, 0.9]))

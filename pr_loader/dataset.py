@@ -515,7 +515,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         decode_row = codec.decode_raw_tensors if raw else codec.decode
         for row in claimed.rows:
             try:
-                samples.append(decode_row(row.payload, allow_pickle=self.allow_pickle))
+                samples.append(decode_row(row.buffer, allow_pickle=self.allow_pickle))
             except CodecError as exc:
                 logger.warning("step %d: dead-lettering row %s: %s", claimed.step, row.ref.encode(), exc)
                 self.shard().store.dead_letter(claimed.step, row.ref, f"undecodable payload: {exc}")

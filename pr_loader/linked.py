@@ -246,7 +246,7 @@ class LinkedDataProto(DataProto):
         out = []
         for row in stored:
             try:
-                sample = codec.decode(row.payload, allow_pickle=session.allow_pickle)
+                sample = codec.decode(row.buffer, allow_pickle=session.allow_pickle)
             except CodecError as exc:
                 reason = f"undecodable payload: {exc}"
             else:

@@ -109,3 +109,29 @@ def test_user_without_info_gets_a_clear_error(redis_server: RedisServer, admin: 
     with pytest.raises(StoreAuthError, match=r"INFO.*docs/acl\.md"):
         connect(f"redis://noinfo:{PASSWORD}@127.0.0.1:{redis_server.port}/0", retry_seconds=10)
     assert time.monotonic() - started < 2.0  # refused, not retried
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server binary not installed")
+def test_sort_allowed_but_its_get_denied_falls_back_to_mget(
+    redis_server: RedisServer, admin: redis.Redis
+) -> None:
+    """A user granted SORT but confined to its keys: Redis refuses the GET pattern when the transaction
+    runs (after the claim script ran), so the claim reads its payloads with MGET, now and from then on."""
+    from pr_loader.store import BatchStore, RunConfig
+
+    rules = [*acl_rules("r3"), "+sort"]
+    admin.execute_command("ACL", "SETUSER", "sorter", "reset", "on", f">{PASSWORD}", *rules)
+    client = connect(f"redis://sorter:{PASSWORD}@127.0.0.1:{redis_server.port}/0", retry_seconds=0)
+    assert isinstance(client, redis.Redis)
+    try:
+        store = BatchStore.open(client, RunConfig(run_id="r3", batch_size=2, steps_per_epoch=2,
+                                                  dataset_fingerprint="fp"))  # fmt: skip
+        assert store.materialise(0, [(0, b"a"), (1, b"b")]) and store.materialise(1, [(2, b"c"), (3, b"d")])
+        first = store.claim("c0", 60.0, now=100.0)
+        assert first is not None and [row.payload for row in first.rows] == [b"a", b"b"]
+        assert store._payload_pattern is None  # (MGET from now on)
+        second = store.claim("c0", 60.0, now=100.0)
+        assert second is not None and [row.payload for row in second.rows] == [b"c", b"d"]
+        assert admin.keys("prl:{r3:0}:xfer:*") == []
+    finally:
+        client.close()

@@ -31,7 +31,7 @@ from pr_loader.errors import (
     StoreUnavailable,
     UnsupportedSchema,
 )
-from pr_loader.store import scripts
+from pr_loader.store import scripts, wire
 from pr_loader.store.keys import ShardKeys
 from pr_loader.store.records import (
     ClaimedStep,
@@ -88,6 +88,8 @@ class BatchStore:
         # Read payloads in the script's round trip (SORT ... GET), except on a cluster (MGET after the script)
         # or where the server refuses it (an ACL user without read access to every key): see _read_after.
         self._payload_pattern = None if hasattr(client, "get_node_from_key") else self._keys.payload_pattern()
+        # ... on a plain socket as one transaction, received in one piece (pr_loader.store.wire)
+        self._sized_reads = wire.supports(client)
         self._scripts: dict[str, Script] = {
             name: client.register_script(getattr(scripts, name))
             for name in ("OPEN", "MATERIALISE", "CLAIM", "RENEW", "COMMIT", "POSTPONE", "PREFETCH",
@@ -196,44 +198,50 @@ class BatchStore:
         reply: list[Any] = self._retrying(lambda: script(keys=[self._keys.meta], args=argv))
         return reply
 
-    def _read_after(self, name: str, op_id: str, *args: str) -> tuple[list[Any], list[bytes | None] | None]:
+    def _read_after(self, name: str, op_id: str, *args: str) -> tuple[list[Any], wire.Payloads | None]:
         """Run CLAIM or PREFETCH (last ARGV: the hand-over flag) and, where possible, read the payloads of the
         refs it returns in the same round trip: ``SORT xfer:<op_id> BY nosort GET payload:*`` and a DEL of
-        the list are pipelined behind the script. Returns the reply and the payloads, or None for "read them
-        with MGET" (a cluster, or a server that refused the SORT: then never tried again)."""
+        the list go right behind the script (:mod:`pr_loader.store.wire`). Returns the reply and the
+        payloads, or None for "read them with MGET" (a cluster, or a server that refused the SORT: then
+        never tried again)."""
         pattern = self._payload_pattern
         if pattern is None:
             return self._script(name, op_id, *args, "0"), None
         script = self._scripts[name]
+        sized = self._sized_reads
+        read = wire.transact if sized else wire.pipelined
+        script_args = [self._keys.meta, self._keys.prefix, op_id, *args, "2" if sized else "1"]
         xfer = self._keys.xfer(op_id)
-        argv = [self._keys.prefix, op_id, *args, "1"]
 
-        def run() -> list[Any]:
-            for _ in range(2):
-                pipe = self._client.pipeline(transaction=False)
-                pipe.evalsha(script.sha, 1, self._keys.meta, *argv)
-                pipe.sort(xfer, by="nosort", get=pattern)
-                pipe.delete(xfer)
-                res = list(pipe.execute(raise_on_error=False))
-                if not isinstance(res[0], redis.exceptions.NoScriptError):
-                    break
-                self._client.script_load(script.script)  # a restarted or flushed server: load, run again
-            for item in res[:1] + res[2:]:
-                if isinstance(item, Exception):
-                    raise item
-            return res
+        def run() -> wire.SizedReply:
+            try:
+                try:
+                    return read(self._client, script.sha, script_args, xfer, pattern)
+                except redis.exceptions.NoScriptError:  # a restarted or flushed server: load, run again
+                    self._client.script_load(script.script)
+                    return read(self._client, script.sha, script_args, xfer, pattern)
+            except redis.exceptions.NoPermissionError as exc:
+                if not sized:
+                    raise
+                return wire.SizedReply(None, exc)  # (refused when queued: the transaction did not run)
 
-        reply, payloads, _ = self._retrying(run)
+        reply, payloads = self._retrying(run)
         if isinstance(payloads, Exception):  # read them with MGET (which reports a failing server itself)
-            if isinstance(payloads, redis.exceptions.NoPermissionError) or "denied" in str(payloads):
-                logger.info("Redis at %s refused SORT ... GET (%s); reading payloads with MGET from now on",
-                            self._address(), payloads)
-                self._payload_pattern = None
-            else:
-                logger.warning("SORT ... GET failed at %s (%s); reading payloads with MGET", self._address(),
-                               payloads)
+            self._sort_refused(payloads)
+            if reply is None:
+                return self._script(name, op_id, *args, "0"), None
             return list(reply), None
-        return list(reply), list(payloads) if reply[0] == b"ok" else None
+        return list(reply), list(payloads) if reply[0] == b"ok" and payloads is not None else None
+
+    def _sort_refused(self, error: Exception) -> None:
+        """The server refused ``SORT ... GET``: read payloads with MGET (from now on, if it was denied)."""
+        if isinstance(error, redis.exceptions.NoPermissionError) or "denied" in str(error):
+            logger.info("Redis at %s refused SORT ... GET (%s); reading payloads with MGET from now on",
+                        self._address(), error)
+            self._payload_pattern = None
+        else:
+            logger.warning("SORT ... GET failed at %s (%s); reading payloads with MGET", self._address(),
+                           error)
 
     def _raise_for(self, reply: list[Any], step: int | None = None) -> None:
         if reply[0] != b"ok":
@@ -256,7 +264,7 @@ class BatchStore:
         self,
         raw_refs: list[bytes],
         held: tuple[int, str] | None = None,
-        payloads: list[bytes | None] | None = None,
+        payloads: wire.Payloads | None = None,
     ) -> list[StoredRow]:
         """Rows of refs a script returned, with ``payloads`` already read or else read now by MGET
         (payloads are immutable, so reading them after the script is safe).
@@ -268,8 +276,8 @@ class BatchStore:
         if payloads is None or len(payloads) != len(refs):
             names = [self._keys.payload(r) for r in refs]
 
-            def read() -> list[bytes | None]:
-                out: list[bytes | None] = []
+            def read() -> list[bytes | memoryview | None]:
+                out: list[bytes | memoryview | None] = []
                 for i in range(0, len(names), _CHUNK):
                     out += self._client.mget(names[i:i + _CHUNK])
                 return out
@@ -281,7 +289,7 @@ class BatchStore:
                 raise LeaseLost(f"step {held[0]} was taken from {held[1]!r} while its rows were read")
             raise StoreError(f"payload of row {ref!r} of run {self._config.run_id!r} is gone "
                              "(rolled back or collected meanwhile?)")
-        return list(map(StoredRow, refs, cast(list[bytes], payloads)))
+        return list(map(StoredRow, refs, cast(list[bytes | memoryview], payloads)))
 
     def _holds(self, step: int, consumer_id: str) -> bool:
         def read() -> list[Any]:

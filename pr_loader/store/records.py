@@ -78,18 +78,31 @@ class RowRef:
 
 @dataclass
 class StoredRow:
-    """One row of a step: its ref string and payload bytes.
+    """One row of a step: its ref string and payload.
+
+    ``buffer`` holds the payload as read: a read-only ``memoryview`` of the one buffer a claim or prefetch
+    received all of its payloads into (:mod:`pr_loader.store.wire`), or ``bytes``. Decoding from it costs no
+    copy; :attr:`payload` is the same as ``bytes`` (a copy the first time, for a view).
 
     ``ref`` is parsed on first use: a loader that collates a step never needs it, and parsing the refs of a
     256-row step cost ~0.35 ms of a ~6 ms claim."""
 
     ref_text: str
-    payload: bytes
+    buffer: bytes | memoryview
 
     @cached_property
     def ref(self) -> RowRef:
         """The parsed ref; StoreError if it is malformed."""
         return RowRef.parse(self.ref_text)
+
+    @cached_property
+    def payload(self) -> bytes:
+        """The payload bytes."""
+        buffer = self.buffer
+        return buffer if type(buffer) is bytes else bytes(buffer)
+
+    def __reduce__(self) -> tuple[type[StoredRow], tuple[str, bytes]]:
+        return StoredRow, (self.ref_text, self.payload)  # (a memoryview does not pickle)
 
 
 @dataclass

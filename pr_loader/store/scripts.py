@@ -20,8 +20,10 @@ Conventions shared by all scripts:
   them), and readers MGET payload keys after the script returned the refs. Moving megabytes through Lua
   strings costs several times a plain MGET/SET; immutability makes the read after the script safe.
   On a plain server a claim or prefetch saves that second round trip: its script also leaves the refs in
-  ``xfer:<op_id>`` and the caller pipelines ``SORT xfer:<op_id> BY nosort GET payload:*`` (the payloads in
-  list order, read by the server itself) and ``DEL xfer:<op_id>`` right behind the script.
+  ``xfer:<op_id>`` and the caller sends ``SORT xfer:<op_id> BY nosort GET payload:*`` (the payloads in
+  list order, read by the server itself) and ``DEL xfer:<op_id>`` right behind the script: in one
+  MULTI/EXEC with the script on a plain socket (the script then also returns the payload sizes, so that
+  the reply is received in one piece: :mod:`pr_loader.store.wire`), else pipelined.
 * Journal entries of step s (list ``journal:<s>``) are space-separated words ``<seq> <kind> ...`` where
   ``seq`` is a shard-wide counter (``meta.seq``): ``C <n_arrivals> <refs...>`` (claim: original arrivals then
   fresh refs), ``F <source> <refs...>`` (prefetch), ``P <target> <old> <new> ...`` (postpone pairs),
@@ -78,14 +80,27 @@ local function all_staged(op_id, n)
   return true
 end
 
--- with flag '1', leave refs in xfer:<op_id> for the caller's pipelined SORT xfer BY nosort GET payload:*
--- (it deletes the list in the same round trip; the TTL is a backstop for a connection lost in between)
+-- What a reply carries for the refs it hands over. Flags '1' and '2' leave them in xfer:<op_id> for the
+-- caller's SORT xfer BY nosort GET payload:* (it deletes the list in the same round trip; the TTL is a
+-- backstop for a connection lost in between). Returns the refs (flags '0' and '1') or, for flag '2' (the
+-- caller reads the SORT reply by its exact size: pr_loader.store.wire), two strings: the refs joined by
+-- spaces and the byte sizes of their payloads joined by spaces (-1 for a missing payload).
 local function hand_over(flag, op_id, refs)
-  if flag ~= '1' or #refs == 0 then return end
-  local key = P .. 'xfer:' .. op_id
-  redis.call('DEL', key)
-  push_all('RPUSH', key, refs)
-  redis.call('PEXPIRE', key, 60000)
+  if (flag == '1' or flag == '2') and #refs > 0 then
+    local key = P .. 'xfer:' .. op_id
+    redis.call('DEL', key)
+    push_all('RPUSH', key, refs)
+    redis.call('PEXPIRE', key, 60000)
+  end
+  if flag ~= '2' then return refs end
+  local sizes = {}
+  for i = 1, #refs do
+    local name = P .. 'payload:' .. refs[i]
+    local n = redis.call('STRLEN', name)
+    if n == 0 and redis.call('EXISTS', name) == 0 then n = -1 end
+    sizes[i] = n
+  end
+  return table.concat(refs, ' '), table.concat(sizes, ' ')
 end
 
 -- staged payload k of op_id becomes the payload of refs[k + 1] (RENAME: no copy; PERSIST: drop the stage TTL)
@@ -267,10 +282,12 @@ return {'ok', 1}
 # s >= E*S are claimed only while some arrivals:<u>, u >= s, exist; empty ones are marked 'skipped').
 # Moves arrivals:<s> then batch:<s> into rows:<s> and journals them.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] consumer, ARGV[4] now, ARGV[5] lease expiry,
-# ARGV[6] '1' to leave the returned refs in xfer:<op_id> (see hand_over), else '0'.
+# ARGV[6] the hand-over flag: '1' to leave the returned refs in xfer:<op_id>, '2' to also return them joined
+# and with their payload sizes (see hand_over), else '0'.
 # Payloads are immutable, so the caller reads them (payload:<ref>) after the script: moving the bytes
 # through Lua costs several times a plain MGET.
-# Returns {'ok', step, expiry, expired_steps, refs} | {'needs', step, expired} |
+# Returns {'ok', step, expiry, expired_steps, refs (flag '2': joined, then sizes)} |
+# {'needs', step, expired} |
 # {'wait', earliest_expiry, expired} | {'done', expired} | {'lease_lost', msg} (replay of a lost claim).
 CLAIM = _LIB + r"""
 local consumer = ARGV[3]
@@ -281,8 +298,7 @@ if done_op then
     return {'lease_lost', 'claim of step ' .. s .. ' by ' .. consumer .. ' is no longer held'}
   end
   local refs = redis.call('LRANGE', P .. 'rows:' .. s, 0, -1)
-  hand_over(ARGV[6], ARGV[2], refs)
-  return {'ok', s, redis.call('ZSCORE', K_LEASES, s), {}, refs}
+  return {'ok', s, redis.call('ZSCORE', K_LEASES, s), {}, hand_over(ARGV[6], ARGV[2], refs)}
 end
 local expired = expire_due(ARGV[4])
 local s
@@ -323,8 +339,7 @@ redis.call('HSET', K_STEPS, s, 'inflight')
 redis.call('HSET', K_OWNERS, s, consumer)
 redis.call('ZADD', K_LEASES, ARGV[5], s)
 op_store(ARGV[2], s, s)
-hand_over(ARGV[6], ARGV[2], refs)
-return {'ok', s, ARGV[5], expired, refs}
+return {'ok', s, ARGV[5], expired, hand_over(ARGV[6], ARGV[2], refs)}
 """
 
 # RENEW: extend the lease of a step held by consumer.
@@ -434,16 +449,16 @@ return {'ok'}
 # PREFETCH: pop up to count fresh refs from batch:<t>, t = step+1 .. last_source (nearest first, skipping
 # claimed and drain steps), append them to rows:<step>; stop at the first unmaterialised t.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now, ARGV[6] count,
-# ARGV[7] last_source, ARGV[8] '1' to leave the returned refs in xfer:<op_id> (see hand_over), else '0'.
-# Returns {'ok', needs_materialise (-1 if none), refs} | {'state', msg} | {'lease_lost', msg}.
+# ARGV[7] last_source, ARGV[8] the hand-over flag ('0', '1' or '2': see CLAIM's ARGV[6] and hand_over).
+# Returns {'ok', needs_materialise (-1 if none), refs (flag '2': joined, then sizes)} | {'state', msg} |
+# {'lease_lost', msg}.
 PREFETCH = _LIB + r"""
 local done_op = op_result(ARGV[2])
 if done_op then
   local w = split(done_op)
   local refs = {}
   for i = 2, #w do refs[#refs + 1] = w[i] end
-  hand_over(ARGV[8], ARGV[2], refs)
-  return {'ok', tonumber(w[1]), refs}
+  return {'ok', tonumber(w[1]), hand_over(ARGV[8], ARGV[2], refs)}
 end
 local s, want = tonumber(ARGV[3]), tonumber(ARGV[6])
 local err = check_lease(s, ARGV[4], ARGV[5])
@@ -472,8 +487,7 @@ push_all('RPUSH', P .. 'rows:' .. s, got)
 local stored = {needs}
 for _, r in ipairs(got) do stored[#stored + 1] = r end
 op_store(ARGV[2], table.concat(stored, ' '), s)
-hand_over(ARGV[8], ARGV[2], got)
-return {'ok', needs, got}
+return {'ok', needs, hand_over(ARGV[8], ARGV[2], got)}
 """
 
 # DEAD_LETTER: remove a ref from an in-flight step, append a dead-letter record (the caller put the payload

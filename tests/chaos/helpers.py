@@ -22,6 +22,8 @@ from typing import Any
 import redis
 import redis.connection
 
+from pr_loader.store import wire
+
 # ---------------------------------------------------------------------------------------------------
 # knobs
 
@@ -336,20 +338,30 @@ class Killer:
             killer._local.sent_script = any(name in packed for name in _SCRIPT_COMMANDS)
             return result
 
-        def read_response(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        def fire_if_armed() -> None:
             local = killer._local
             if getattr(local, "armed", False) and getattr(local, "sent_script", False):
                 local.armed = False
                 killer.fire()
+
+        def read_response(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            fire_if_armed()
             return orig_read(conn, *args, **kwargs)
 
+        def receive(*args: Any, **kwargs: Any) -> Any:  # (a claim's or prefetch's one-transaction read)
+            fire_if_armed()
+            return orig_receive(*args, **kwargs)
+
+        orig_receive = wire._receive
         cls.send_packed_command = send_packed_command  # type: ignore[method-assign]
         cls.read_response = read_response  # type: ignore[method-assign]
+        wire._receive = receive
         try:
             yield
         finally:
             cls.send_packed_command = orig_send  # type: ignore[method-assign]
             cls.read_response = orig_read  # type: ignore[method-assign]
+            wire._receive = orig_receive
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""The one-transaction payload read of a claim or prefetch (pr_loader.store.wire), on real redis-servers."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis
+
+from pr_loader.errors import NoStepReady, StoreUnavailable
+from pr_loader.store import BatchStore, wire
+from tests.servers import REDIS_SERVER, RedisServer
+from tests.store.conftest import make_config
+
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server binary not installed")
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path / "redis", unix_socket=request.param == "unix", appendonly=False).start()
+    yield srv
+    srv.stop()
+
+
+def _store(client: redis.Redis, batch_size: int = 4) -> BatchStore:
+    return BatchStore.open(client, make_config(batch_size=batch_size, steps_per_epoch=2))
+
+
+def test_claim_and_prefetch_payloads_arrive_in_one_buffer(server: RedisServer) -> None:
+    """Sizes from 0 bytes to several MiB, in list order; every payload is a read-only view of one buffer."""
+    client = server.client()
+    store = _store(client, batch_size=6)
+    assert store._sized_reads
+    sizes = [0, 1, 9, 10, 4 << 20, 65536 + 3]
+    payloads = [os.urandom(n) for n in sizes]
+    store.materialise(0, list(enumerate(payloads)))
+    store.materialise(1, [(6 + i, bytes([i]) * (i + 1)) for i in range(6)])
+    claimed = store.claim("c", 60, now=0)
+    assert claimed is not None
+    assert [bytes(row.payload) for row in claimed.rows] == payloads
+    views = [row.buffer for row in claimed.rows]
+    assert all(isinstance(v, memoryview) and v.readonly for v in views)
+    assert len({id(v.obj) for v in views}) == 1  # (one buffer, no per-payload copy)
+    sent = pickle.loads(pickle.dumps(claimed))  # (a worker process hands its claims over pickled)
+    assert [r.payload for r in sent.rows] == payloads
+    assert [r.ref_text for r in sent.rows] == [r.ref_text for r in claimed.rows]
+    fetched = store.prefetch(0, "c", 3, 1, now=1)
+    assert [bytes(row.payload) for row in fetched.rows] == [b"\0", b"\1\1", b"\2\2\2"]
+    assert client.keys(store.keys.prefix + "xfer:*") == []
+    client.close()
+
+
+def test_a_flushed_script_cache_is_reloaded_within_the_call(server: RedisServer) -> None:
+    client = server.client()
+    store = _store(client)
+    store.materialise(0, [(i, b"x%d" % i) for i in range(4)])
+    client.script_flush()
+    claimed = store.claim("c", 60, now=0)
+    assert claimed is not None and [bytes(r.payload) for r in claimed.rows] == [b"x0", b"x1", b"x2", b"x3"]
+    client.close()
+
+
+def test_a_stopped_server_times_out_instead_of_hanging(server: RedisServer) -> None:
+    """The blocking MSG_WAITALL read keeps the client's socket timeout (SO_RCVTIMEO)."""
+    client = server.client(socket_timeout=0.3)
+    store = BatchStore.open(client, make_config(steps_per_epoch=2), retry_seconds=0.5)
+    store.materialise(0, [(i, b"y" * 100) for i in range(4)])
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.claim("c", 60, now=0)
+        assert time.monotonic() - started < 10
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    claimed = store.claim("c", 60, now=0)  # (step 1 if the server ran the timed-out transaction after all)
+    assert claimed is not None and claimed.step in (0, 1)
+    client.close()
+
+
+def test_the_read_leaves_the_connection_usable(server: RedisServer) -> None:
+    """Replies after the transaction are in step: the pool's connection serves ordinary commands next."""
+    client = server.client(max_connections=1)
+    store = _store(client)
+    for step in range(2):
+        store.materialise(step, [(4 * step + i, b"z" * (50_000 + i)) for i in range(4)])
+    claimed = store.claim("c", 60, now=0)
+    assert claimed is not None
+    assert client.ping() and client.echo("after") == b"after"
+    store.commit(0, "c", now=1)
+    second = store.claim("c", 60, now=1)
+    assert second is not None and [len(r.payload) for r in second.rows] == [50_000, 50_001, 50_002, 50_003]
+    client.close()
+
+
+def test_concurrent_claims_on_threads(server: RedisServer) -> None:
+    """Threads claiming through one pool each get whole, distinct steps."""
+    client = server.client()
+    store = BatchStore.open(client, make_config(batch_size=8, steps_per_epoch=16, num_epochs=1))
+    for step in range(16):
+        store.materialise(step, [(8 * step + i, b"%d:%d" % (step, i) * 999) for i in range(8)])
+    got: dict[int, list[bytes]] = {}
+    lock = threading.Lock()
+
+    def consume(name: str) -> None:
+        try:
+            while (claimed := store.claim(name, 60)) is not None:
+                with lock:
+                    got[claimed.step] = [bytes(r.payload) for r in claimed.rows]
+                store.commit(claimed.step, name)
+        except NoStepReady:  # the last steps are held by the other threads
+            return
+
+    threads = [threading.Thread(target=consume, args=(f"t{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(16))
+    assert all(got[s] == [b"%d:%d" % (s, i) * 999 for i in range(8)] for s in got)
+    client.close()
+
+
+def test_which_clients_it_serves(server: RedisServer) -> None:
+    plain = server.client()
+    assert wire.supports(plain)
+    resp3 = redis.Redis.from_url(server.url, protocol=3)
+    assert not wire.supports(resp3)
+    assert not wire.supports(fakeredis.FakeRedis())
+    ssl_pool = redis.ConnectionPool(connection_class=redis.SSLConnection, host="127.0.0.1", port=1)
+    assert not wire.supports(redis.Redis(connection_pool=ssl_pool))
+    assert not _store(resp3)._sized_reads  # (and the RESP3 store still works, through the pipeline)
+    _store(resp3).materialise(0, [(i, b"r") for i in range(4)])
+    plain.close()
+    resp3.close()
