@@ -90,6 +90,7 @@ class BatchStore:
         self._payload_pattern = None if hasattr(client, "get_node_from_key") else self._keys.payload_pattern()
         # ... on a plain socket as one transaction, received in one piece (pr_loader.store.wire)
         self._sized_reads = wire.supports(client)
+        self._last_read: dict[str, int] = {}  # payload bytes the last CLAIM / PREFETCH read
         self._scripts: dict[str, Script] = {
             name: client.register_script(getattr(scripts, name))
             for name in ("OPEN", "MATERIALISE", "CLAIM", "RENEW", "COMMIT", "POSTPONE", "PREFETCH",
@@ -208,7 +209,8 @@ class BatchStore:
         if pattern is None:
             return self._script(name, op_id, *args, "0"), None
         script = self._scripts[name]
-        sized = self._sized_reads
+        # (a reply of a few redis-py reads gains nothing from the transaction: ~0.6 ms more for 256 rows)
+        sized = self._sized_reads and self._last_read.get(name, wire.ONE_PIECE) >= wire.ONE_PIECE
         read = wire.transact if sized else wire.pipelined
         script_args = [self._keys.meta, self._keys.prefix, op_id, *args, "2" if sized else "1"]
         xfer = self._keys.xfer(op_id)
@@ -231,7 +233,10 @@ class BatchStore:
             if reply is None:
                 return self._script(name, op_id, *args, "0"), None
             return list(reply), None
-        return list(reply), list(payloads) if reply[0] == b"ok" and payloads is not None else None
+        if reply[0] != b"ok" or payloads is None:
+            return list(reply), None
+        self._last_read[name] = sum(len(p) for p in payloads if p is not None)
+        return list(reply), list(payloads)
 
     def _sort_refused(self, error: Exception) -> None:
         """The server refused ``SORT ... GET``: read payloads with MGET (from now on, if it was denied)."""

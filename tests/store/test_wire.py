@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import fakeredis
+import numpy as np
 import pytest
 import redis
 
@@ -141,3 +142,49 @@ def test_which_clients_it_serves(server: RedisServer) -> None:
     _store(resp3).materialise(0, [(i, b"r") for i in range(4)])
     plain.close()
     resp3.close()
+
+
+def test_small_reads_go_pipelined_and_big_ones_in_one_piece(server: RedisServer) -> None:
+    """The transaction only pays off for big replies: after a read below ``ONE_PIECE`` the next one is
+    pipelined through redis-py (bytes), after a big one it is received in one piece (views)."""
+    client = server.client()
+    store = BatchStore.open(client, make_config(batch_size=2, steps_per_epoch=4, num_epochs=1))
+    big = wire.ONE_PIECE // 2 + 1
+    for step, size in enumerate([10, 10, big, big]):
+        store.materialise(step, [(2 * step + i, bytes([step]) * size) for i in range(2)])
+    kinds = []
+    for step in range(4):
+        claimed = store.claim("c", 60, now=0)
+        assert claimed is not None and claimed.step == step
+        assert [row.payload for row in claimed.rows] == [bytes([step]) * len(claimed.rows[0].payload)] * 2
+        kinds.append(type(claimed.rows[0].buffer).__name__)
+        store.commit(step, "c", now=0)
+    assert kinds == ["memoryview", "bytes", "bytes", "memoryview"]  # (the first read of a store: one piece)
+    client.close()
+
+
+def test_a_receive_buffer_in_use_is_never_reused(server: RedisServer) -> None:
+    """Claims reuse receive buffers nobody refers to any more, and only those: payload views kept from
+    earlier claims (or tensors made from them) keep their bytes."""
+    client = server.client()
+    store = BatchStore.open(client, make_config(batch_size=4, steps_per_epoch=12, num_epochs=1))
+    size = wire.ONE_PIECE // 4 + 1
+    for step in range(12):
+        store.materialise(step, [(4 * step + i, bytes([step + i]) * size) for i in range(4)])
+    kept: list[tuple[int, memoryview]] = []
+    arrays: list[tuple[int, np.ndarray]] = []
+    owners: set[int] = set()
+    for step in range(12):
+        claimed = store.claim("c", 60, now=0)
+        assert claimed is not None and type(claimed.rows[0].buffer) is memoryview
+        owners.add(id(claimed.rows[0].buffer.obj))  # (the buffer the claim received its reply into)
+        if step % 3 == 0:  # keep one payload view of every third claim
+            kept.append((step, claimed.rows[1].buffer))
+        if step % 3 == 1:  # ... or an array made from one (it holds the view's buffer)
+            arrays.append((step, np.frombuffer(claimed.rows[2].buffer, np.uint8)))
+        store.commit(step, "c", now=0)
+        del claimed
+    assert all(bytes(view) == bytes([step + 1]) * size for step, view in kept)
+    assert all((array == step + 2).all() and len(array) == size for step, array in arrays)
+    assert len(owners) < 12  # (the claims not kept shared buffers)
+    client.close()
