@@ -30,8 +30,10 @@ checks the payloads it gets); a cluster reads payloads with MGET after the scrip
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import sys
 import threading
 from typing import Any, NamedTuple
 
@@ -66,15 +68,19 @@ def supports(client: Any) -> bool:
         return False
     conn_class = getattr(pool, "connection_class", None)
     plain = conn_class in (redis.Connection, redis.UnixDomainSocketConnection)
-    return plain and kwargs.get("protocol") in (None, 2, "2")
+    posix = sys.platform.startswith(("linux", "darwin"))  # (SO_RCVTIMEO as a struct timeval, MSG_WAITALL)
+    return plain and posix and kwargs.get("protocol") in (None, 2, "2")
 
 
 class _Buffers:
     """Receive buffers kept for reuse: a fresh one costs page faults (kernel zeroing), ~0.4 ms for a 6 MB
     claim (measured). A buffer is reused only once nothing refers to its memory: every payload view (and
-    any tensor or array made from one) holds an export of the ``bytearray``, which then refuses to resize."""
+    any tensor or array made from one) holds an export of the ``bytearray``, which then refuses to resize.
+    At most ``_KEEP`` buffers of up to ``_KEEP_BYTES`` each are kept (bigger replies get a buffer of their
+    own), so this holds at most 96 MiB."""
 
     _KEEP = 3  # (the loader holds two or three claims at once: being built, being read, handed out)
+    _KEEP_BYTES = 32 << 20
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -91,6 +97,8 @@ class _Buffers:
 
     def take(self, size: int) -> bytearray:
         """A buffer of at least ``size`` bytes that nothing else uses (contents undefined)."""
+        if size > self._KEEP_BYTES:
+            return bytearray(size)
         with self._lock:
             for buffer in self._kept:
                 if self._unused(buffer):
@@ -107,8 +115,17 @@ class _Buffers:
 _BUFFERS = _Buffers()
 
 
+def _new_buffers_in_child() -> None:  # (a fork may have happened while a parent thread held the lock)
+    global _BUFFERS
+    _BUFFERS = _Buffers()
+
+
+os.register_at_fork(after_in_child=_new_buffers_in_child)
+
+
 class _Reader:
-    """RESP2 values off a blocking socket: small ones through a buffer, the big one straight into numpy."""
+    """RESP2 values off a blocking socket: small ones through a growing buffer, the payload reply straight
+    into a buffer of its exact size (:meth:`exactly`)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock

@@ -188,3 +188,25 @@ def test_a_receive_buffer_in_use_is_never_reused(server: RedisServer) -> None:
     assert all((array == step + 2).all() and len(array) == size for step, array in arrays)
     assert len(owners) < 12  # (the claims not kept shared buffers)
     client.close()
+
+
+def test_a_forked_child_gets_its_own_buffers(server: RedisServer) -> None:
+    """A fork while a parent thread holds the buffer pool's lock leaves the child a pool of its own."""
+    client = server.client()
+    store = _store(client)
+    store.materialise(0, [(i, b"f%d" % i) for i in range(4)])
+    with wire._BUFFERS._lock:  # (as if a parent thread were inside take() at the fork)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            signal.alarm(20)  # (a deadlock would otherwise hang the test run)
+            try:
+                child = BatchStore.open(redis.Redis.from_url(server.url), store.config)
+                claimed = child.claim("child", 60, now=0)
+                got = [] if claimed is None else [r.buffer for r in claimed.rows]
+                ok = [bytes(b) for b in got] == [b"f0", b"f1", b"f2", b"f3"] and type(got[0]) is memoryview
+                os._exit(0 if ok else 1)
+            except BaseException:
+                os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    client.close()
