@@ -22,7 +22,7 @@ payloads are read-only ``memoryview`` slices of it (no per-payload copy). Inside
 change a payload between the script and the read, so the size is exact.
 
 Only for a plain TCP or unix socket speaking RESP2 (:func:`supports`), and only while the payloads are
-big (``ONE_PIECE``: the transaction and the sizes cost ~0.6 ms for 256 rows, measured). Otherwise (TLS,
+big (``ONE_PIECE``: the transaction and the sizes cost ~0.8 ms for 256 rows, measured). Otherwise (TLS,
 RESP3, in-process fakeredis, small payloads) :func:`pipelined` sends the commands without the transaction
 through redis-py (another client may then run commands between the script and the SORT: ``BatchStore``
 checks the payloads it gets); a cluster reads payloads with MGET after the script instead.
@@ -50,8 +50,8 @@ _CHUNK = 1 << 16
 
 
 class SizedReply(NamedTuple):
-    """What :func:`transact` read: the script's reply (its sizes taken off) and the payloads (None when the
-    script handed nothing over, the SORT's ``ResponseError`` when it was refused at run time)."""
+    """What :func:`transact` or :func:`pipelined` read: the script's reply (sizes taken off) and the payloads
+    (None when the script handed nothing over, the SORT's ``ResponseError`` when refused at run time)."""
 
     script_reply: Any
     payloads: Payloads | Exception | None
