@@ -44,7 +44,7 @@ __all__ = ["ONE_PIECE", "Payloads", "SizedReply", "pipelined", "supports", "tran
 
 # A reply this big is received in one piece when it can be: redis-py would need 16 reads (GIL releases)
 ONE_PIECE = 1 << 20
-Payloads = list[bytes | memoryview | None]  # (this module only makes memoryviews)
+Payloads = list[bytes | memoryview | None]  # (views from transact, bytes from pipelined)
 
 _CHUNK = 1 << 16
 
