@@ -54,6 +54,7 @@ def test_claim_and_prefetch_payloads_arrive_in_one_buffer(server: RedisServer) -
     assert [r.ref_text for r in sent.rows] == [r.ref_text for r in claimed.rows]
     fetched = store.prefetch(0, "c", 3, 1, now=1)
     assert [bytes(row.payload) for row in fetched.rows] == [b"\0", b"\1\1", b"\2\2\2"]
+    assert all(type(row.buffer) is memoryview for row in fetched.rows)  # (a store's first read: one piece)
     assert client.keys(store.keys.prefix + "xfer:*") == []
     client.close()
 
@@ -65,6 +66,7 @@ def test_a_flushed_script_cache_is_reloaded_within_the_call(server: RedisServer)
     client.script_flush()
     claimed = store.claim("c", 60, now=0)
     assert claimed is not None and [bytes(r.payload) for r in claimed.rows] == [b"x0", b"x1", b"x2", b"x3"]
+    assert type(claimed.rows[0].buffer) is memoryview  # (the transaction, not the pipelined fallback)
     client.close()
 
 
