@@ -6,6 +6,7 @@ builds refs, retries connection errors with the same op id and maps script repli
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -56,8 +57,6 @@ _IDENTITY = (
 _INT_FIELDS = frozenset({"batch_size", "steps_per_epoch", "seed", "world_size", "rank", "num_epochs"})
 _T = TypeVar("_T")
 _CHUNK = 1000
-_MSET_KEYS = 8  # keys per MSET of staged payloads: hiredis.pack_command slows down superlinearly with size
-_STAGE_TTL = 3600  # seconds an uploaded payload waits for its script (dropped by it in any case)
 
 
 def _meta_value(value: object) -> str:
@@ -236,7 +235,7 @@ class BatchStore:
         if reply[0] != b"ok" or payloads is None:
             return list(reply), None
         self._last_read[name] = sum(len(p) for p in payloads if p is not None)
-        return list(reply), list(payloads)
+        return list(reply), payloads
 
     def _sort_refused(self, error: Exception) -> None:
         """The server refused ``SORT ... GET``: read payloads with MGET (from now on, if it was denied)."""
@@ -307,45 +306,16 @@ class BatchStore:
         return bool(state == b"inflight" and owner == consumer_id.encode())
 
     def _staged_script(self, name: str, op_id: str, payloads: list[bytes], *args: str) -> list[Any]:
-        """Upload payloads to stage:<op_id>:<i> and run a script that adopts (RENAME) or drops them: payload
-        bytes never enter Lua. On a plain server that is one round trip, one MULTI transaction of MSETs and
-        the EVALSHA (measured faster than SETs with a TTL: fewer commands to pack and parse); should the
-        server have lost its script cache, the stages get a TTL and the script is loaded and run at once.
-        redis-py refuses scripts in cluster pipelines, so a cluster gets SETs with a TTL, then the script."""
+        """Upload payloads to stage:<op_id>:<i> and run a script that adopts (RENAME) or drops them (see
+        :func:`wire.staged_in_transaction`; a cluster: :func:`wire.staged_then_run`), again while the
+        script finds its stages lost (e.g. a server restart without fsync)."""
         names = [self._keys.stage(op_id, i) for i in range(len(payloads))]
-        script = self._scripts[name]
-        argv = [self._keys.prefix, op_id, *args]
-
-        def staged() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
-            for stage, payload in zip(names, payloads):
-                pipe.set(stage, payload, ex=_STAGE_TTL)
-            pipe.execute()
-            return list(script(keys=[self._keys.meta], args=argv))
-
-        def transaction() -> list[Any]:
-            pipe = self._client.pipeline(transaction=True)
-            for i in range(0, len(names), _MSET_KEYS):  # hiredis packs one huge command slowly
-                pipe.mset(dict(zip(names[i : i + _MSET_KEYS], payloads[i : i + _MSET_KEYS])))
-            pipe.evalsha(script.sha, 1, self._keys.meta, *argv)
-            *uploads, reply = pipe.execute(raise_on_error=False)
-            for item in uploads:
-                if isinstance(item, Exception):  # e.g. OOM: the script then found its stages missing
-                    raise item
-            if isinstance(reply, redis.exceptions.NoScriptError):  # a restarted or flushed server
-                expire = self._client.pipeline(transaction=False)
-                for stage in names:  # (so that a crash right now cannot leave them forever)
-                    expire.expire(stage, _STAGE_TTL)
-                expire.execute()
-                return list(script(keys=[self._keys.meta], args=argv))  # (loads it, then runs it)
-            if isinstance(reply, Exception):
-                raise reply
-            return list(reply)
-
-        run = staged if self._shard_node() is not None else transaction
+        upload = wire.staged_then_run if self._shard_node() is not None else wire.staged_in_transaction
+        run = functools.partial(upload, self._client, self._scripts[name], self._keys.meta,
+                                [self._keys.prefix, op_id, *args], names, payloads)  # fmt: skip
         for _ in range(3):
             reply = self._retrying(run)
-            if reply[0] != b"restage":  # staged keys lost (e.g. a server restart without fsync): again
+            if reply[0] != b"restage":
                 return reply
         raise StoreError(f"staged payloads of {name.lower()} keep disappearing at {self._address()}")
 

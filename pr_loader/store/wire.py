@@ -1,4 +1,5 @@
-"""A claim's (or prefetch's) payloads read off the socket in one ``recv``, which releases the GIL once.
+"""How payloads travel with a store script: a claim's (or prefetch's) read off the socket in one ``recv``,
+which releases the GIL once, and the staged upload of a postpone's (or materialise's) new payloads.
 
 Why: redis-py reads a reply in ``socket_read_size`` (64 KiB) chunks, and each ``recv`` releases the GIL. On
 the loader's background thread that is harmless while the caller sleeps or waits on a GPU, but a caller
@@ -39,14 +40,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import redis
+from redis.commands.core import Script
 
-__all__ = ["ONE_PIECE", "Payloads", "SizedReply", "pipelined", "supports", "transact"]
+__all__ = [
+    "ONE_PIECE", "Payloads", "SizedReply", "pipelined", "staged_in_transaction", "staged_then_run",
+    "supports", "transact",
+]  # fmt: skip
 
 # A reply this big is received in one piece when it can be: redis-py would need 16 reads (GIL releases)
 ONE_PIECE = 1 << 20
 Payloads = list[bytes | memoryview | None]  # (views from transact, bytes from pipelined)
 
 _CHUNK = 1 << 16
+_MSET_KEYS = 8  # keys per MSET of staged payloads: hiredis.pack_command slows down superlinearly with size
+_STAGE_TTL = 3600  # seconds an uploaded payload waits for its script (dropped by it in any case)
 
 
 class SizedReply(NamedTuple):
@@ -228,7 +235,7 @@ def _bulk_array(sizes_text: bytes) -> tuple[int, tuple[np.ndarray[Any, Any], ...
     first = len(b"*%d\r\n" % len(digits))
     after = first + np.cumsum(head + sizes + 2)  # (each payload is followed by CRLF)
     end = after - 2
-    heads = np.concatenate((np.array([first], dtype=np.int64), after[:-1]))
+    heads = np.concatenate((np.array([first], dtype=np.int64), after[:-1]))[: len(digits)]
     return int(after[-1]) if len(digits) else first, (heads, end - sizes, end)
 
 
@@ -240,7 +247,7 @@ def _slice_payloads(received: tuple[bytearray, int], offsets: tuple[np.ndarray[A
     data = np.frombuffer(buffer, np.uint8, size)
     framed = bool(
         data[0] == ord("*")
-        and (data[heads[: len(end)]] == ord("$")).all()
+        and (data[heads] == ord("$")).all()
         and (data[end] == ord("\r")).all()
         and (data[end + 1] == ord("\n")).all()
     )
@@ -341,3 +348,41 @@ def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern:
         if isinstance(reply, Exception):
             raise reply
     return SizedReply(script_reply, payloads)
+
+
+def staged_in_transaction(
+    client: Any, script: Script, meta_key: str, argv: list[str], names: list[str], payloads: list[bytes]
+) -> list[Any]:
+    """Upload ``payloads`` to the stage keys ``names`` and run ``script`` (which adopts them by RENAME or
+    drops them: payload bytes never enter Lua) in one round trip: a MULTI transaction of MSETs and the
+    EVALSHA (measured faster than SETs with a TTL: fewer commands to pack and parse). Should the server
+    have lost its script cache, the stages get a TTL and the script is loaded and run at once."""
+    pipe = client.pipeline(transaction=True)
+    for i in range(0, len(names), _MSET_KEYS):  # hiredis packs one huge command slowly
+        pipe.mset(dict(zip(names[i : i + _MSET_KEYS], payloads[i : i + _MSET_KEYS])))
+    pipe.evalsha(script.sha, 1, meta_key, *argv)
+    *uploads, reply = pipe.execute(raise_on_error=False)
+    for item in uploads:
+        if isinstance(item, Exception):  # e.g. OOM: the script then found its stages missing
+            raise item
+    if isinstance(reply, redis.exceptions.NoScriptError):  # a restarted or flushed server
+        expire = client.pipeline(transaction=False)
+        for stage in names:  # (so that a crash right now cannot leave them forever)
+            expire.expire(stage, _STAGE_TTL)
+        expire.execute()
+        return list(script(keys=[meta_key], args=argv))  # (loads it, then runs it)
+    if isinstance(reply, Exception):
+        raise reply
+    return list(reply)
+
+
+def staged_then_run(
+    client: Any, script: Script, meta_key: str, argv: list[str], names: list[str], payloads: list[bytes]
+) -> list[Any]:
+    """:func:`staged_in_transaction` for a cluster, where redis-py refuses scripts in pipelines: SETs with a
+    TTL, then the script."""
+    pipe = client.pipeline(transaction=False)
+    for stage, payload in zip(names, payloads):
+        pipe.set(stage, payload, ex=_STAGE_TTL)
+    pipe.execute()
+    return list(script(keys=[meta_key], args=argv))

@@ -55,6 +55,8 @@ def test_claim_and_prefetch_payloads_arrive_in_one_buffer(server: RedisServer) -
     fetched = store.prefetch(0, "c", 3, 1, now=1)
     assert [bytes(row.payload) for row in fetched.rows] == [b"\0", b"\1\1", b"\2\2\2"]
     assert all(type(row.buffer) is memoryview for row in fetched.rows)  # (a store's first read: one piece)
+    store._last_read.clear()  # (as for a store's first read: in one piece)
+    assert store.prefetch(0, "c", 0, 1, now=1).rows == []  # (nothing handed over: "*0" behind the script)
     assert client.keys(store.keys.prefix + "xfer:*") == []
     client.close()
 
