@@ -234,7 +234,7 @@ class BatchStore:
             return list(reply), None
         if reply[0] != b"ok" or payloads is None:
             return list(reply), None
-        self._last_read[name] = sum(len(p) for p in payloads if p is not None)
+        self._last_read[name] = sum(map(len, filter(None, payloads)))  # (b"" and None count nothing)
         return list(reply), payloads
 
     def _sort_refused(self, error: Exception) -> None:

@@ -86,7 +86,7 @@ ENV_KEY = "PR_LOADER_REDIS_KEY"
 MIN_VERSION = (6, 2, 0)
 WAITAOF_VERSION = (7, 2, 0)
 # EVAL/EVALSHA/SCRIPT LOAD run the store's Lua; LPOP with a count needs 6.2 (checked by version).
-REQUIRED_COMMANDS = ("eval", "evalsha", "script", "hmget", "hset", "lpop", "lrange")
+REQUIRED_COMMANDS = ("eval", "evalsha", "script", "hmget", "hset", "lpop", "lrange", "copy")
 
 _SCHEMES = ("redis", "rediss", "unix")
 _URL_QUERY_KEYS = frozenset(

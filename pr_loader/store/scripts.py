@@ -81,16 +81,18 @@ local function all_staged(op_id, n)
 end
 
 -- What a reply carries for the refs it hands over. Flags '1' and '2' leave them in xfer:<op_id> for the
--- caller's SORT xfer BY nosort GET payload:* (it deletes the list in the same round trip; the TTL is a
--- backstop for a connection lost in between). Returns the refs (flags '0' and '1') or, for flag '2' (the
--- caller reads the SORT reply by its exact size: pr_loader.store.wire), two strings: the refs joined by
--- spaces and the byte sizes of their payloads joined by spaces (-1 for a missing payload).
-local function hand_over(flag, op_id, refs)
+-- caller's SORT xfer BY nosort GET payload:* (it deletes the list in the same round trip: flag '2' in the
+-- same transaction; for flag '1' a TTL is the backstop for a connection lost in between). A replay
+-- (replay = true) first drops what a lost earlier attempt may have left there. Returns the refs (flags '0'
+-- and '1') or, for flag '2' (the caller reads the SORT reply by its exact size: pr_loader.store.wire), two
+-- strings: the refs joined by spaces and the byte sizes of their payloads joined by spaces (-1 for a
+-- missing payload).
+local function hand_over(flag, op_id, refs, replay)
   if (flag == '1' or flag == '2') and #refs > 0 then
     local key = P .. 'xfer:' .. op_id
-    redis.call('DEL', key)
+    if replay then redis.call('DEL', key) end
     push_all('RPUSH', key, refs)
-    redis.call('PEXPIRE', key, 60000)
+    if flag == '1' then redis.call('PEXPIRE', key, 60000) end
   end
   if flag ~= '2' then return refs end
   local sizes = {}
@@ -103,12 +105,13 @@ local function hand_over(flag, op_id, refs)
   return table.concat(refs, ' '), table.concat(sizes, ' ')
 end
 
--- staged payload k of op_id becomes the payload of refs[k + 1] (RENAME: no copy; PERSIST: drop the stage TTL)
-local function adopt_staged(op_id, refs)
+-- staged payload k of op_id becomes the payload of refs[k + 1] (RENAME: no copy); ttl: '1' when the stages
+-- carry a TTL (the uploader says so: see the staged scripts' last ARGV), which PERSIST then drops
+local function adopt_staged(op_id, refs, ttl)
   for k = 1, #refs do
     local dest = P .. 'payload:' .. refs[k]
     redis.call('RENAME', P .. 'stage:' .. op_id .. ':' .. (k - 1), dest)
-    redis.call('PERSIST', dest)
+    if ttl == '1' then redis.call('PERSIST', dest) end
   end
   redis.call('HINCRBY', K_META, 'payloads', #refs)
 end
@@ -253,7 +256,8 @@ return {'created'}
 """
 
 # MATERIALISE: store the fresh batch of a step once; payload i was staged at stage:<op_id>:<i>.
-# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4..] refs "<e>:<i>:0:-".
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4..n-1] refs "<e>:<i>:0:-",
+# ARGV[n] '1' when the stages carry a TTL, else '0' (set by the uploader: pr_loader.store.wire).
 # Returns {'ok', 1} when written, {'ok', 0} when the step was already materialised, claimed or collected
 # (the staged payloads are dropped), {'restage'} when a staged payload is missing (the others are dropped,
 # nothing else changed).
@@ -261,7 +265,7 @@ MATERIALISE = _LIB + r"""
 local op_id, s = ARGV[2], tonumber(ARGV[3])
 if op_result(op_id) then return {'ok', 1} end  -- a retry of the call that wrote it
 local refs = {}
-for i = 4, #ARGV do refs[#refs + 1] = ARGV[i] end
+for i = 4, #ARGV - 1 do refs[#refs + 1] = ARGV[i] end
 if redis.call('HEXISTS', K_MAT, s) == 1 or claimed(s) then
   drop_staged(op_id, #refs)
   return {'ok', 0}
@@ -270,7 +274,7 @@ if not all_staged(op_id, #refs) then
   drop_staged(op_id, #refs)
   return {'restage'}
 end
-adopt_staged(op_id, refs)
+adopt_staged(op_id, refs, ARGV[#ARGV])
 redis.call('DEL', P .. 'batch:' .. s)
 push_all('RPUSH', P .. 'batch:' .. s, refs)
 redis.call('HSET', K_MAT, s, #refs)
@@ -298,7 +302,7 @@ if done_op then
     return {'lease_lost', 'claim of step ' .. s .. ' by ' .. consumer .. ' is no longer held'}
   end
   local refs = redis.call('LRANGE', P .. 'rows:' .. s, 0, -1)
-  return {'ok', s, redis.call('ZSCORE', K_LEASES, s), {}, hand_over(ARGV[6], ARGV[2], refs)}
+  return {'ok', s, redis.call('ZSCORE', K_LEASES, s), {}, hand_over(ARGV[6], ARGV[2], refs, true)}
 end
 local expired = expire_due(ARGV[4])
 local s
@@ -381,8 +385,8 @@ while floor <= limit do
   if st ~= 'committed' and st ~= 'skipped' then break end
   local dead = redis.call('LRANGE', P .. 'rows:' .. floor, 0, -1)
   for _, e in ipairs(redis.call('LRANGE', P .. 'journal:' .. floor, 0, -1)) do
-    local w = split(e)
-    if w[2] == 'P' then
+    if string.find(e, '^%d+ P ') then  -- (only these are split: a claim's entry holds every ref)
+      local w = split(e)
       for i = 4, #w, 2 do dead[#dead + 1] = w[i] end
     end
   end
@@ -406,13 +410,15 @@ return {'ok'}
 
 # POSTPONE: move rows of a leased step into arrivals:<target> as new versions with new payloads.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now,
-# ARGV[6] target, ARGV[7..] old ref, new ref pairs; the new payload of pair i was staged at stage:<op_id>:<i>.
+# ARGV[6] target, ARGV[7..n-1] old ref, new ref pairs (the new payload of pair i was staged at
+# stage:<op_id>:<i>), ARGV[n] '1' when the stages carry a TTL, else '0' (see MATERIALISE).
 # Staged payloads are adopted on success and dropped on refusal or replay.
 # Returns {'ok'} | {'state', msg} | {'lease_lost', msg} | {'target', msg} | {'missing', refs} |
 # {'restage'} (a staged payload is missing; the others are dropped, nothing else changed).
 POSTPONE = _LIB + r"""
 local op_id, s, t = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[6])
-local n = (#ARGV - 6) / 2
+local last = #ARGV - 1
+local n = (last - 6) / 2
 local function refuse(reply)
   drop_staged(op_id, n)
   return reply
@@ -424,21 +430,27 @@ if err then return refuse(err) end
 if t <= s or (t < meta_num('next_step') and not redis.call('ZSCORE', K_REQUEUE, t)) then
   return refuse({'target', 'target step ' .. t .. ' was already claimed or passed'})
 end
-local rk = P .. 'rows:' .. s
-local missing = {}
-for i = 7, #ARGV, 2 do
-  if not redis.call('LPOS', rk, ARGV[i]) then missing[#missing + 1] = ARGV[i] end
-end
-if #missing > 0 then return refuse({'missing', missing}) end
 if not all_staged(op_id, n) then return refuse({'restage'}) end
+-- remove the old refs, keeping a copy of rows:<s> to put back should one be missing (one COPY instead of
+-- an LPOS per ref: a script's fixed cost is its redis.call count)
+local rk, kept = P .. 'rows:' .. s, P .. 'rows:' .. s .. ':kept'
+local copied = redis.call('COPY', rk, kept, 'REPLACE') == 1  -- (no rows:<s>, no copy: nothing to remove)
+local missing = {}
+for i = 7, last, 2 do
+  if redis.call('LREM', rk, 1, ARGV[i]) == 0 then missing[#missing + 1] = ARGV[i] end
+end
+if #missing > 0 then
+  if copied then redis.call('RENAME', kept, rk) end
+  return refuse({'missing', missing})
+end
+if copied then redis.call('DEL', kept) end
 local news, words = {}, {t}
-for i = 7, #ARGV, 2 do
-  redis.call('LREM', rk, 1, ARGV[i])
+for i = 7, last, 2 do
   news[#news + 1] = ARGV[i + 1]
   words[#words + 1] = ARGV[i]
   words[#words + 1] = ARGV[i + 1]
 end
-adopt_staged(op_id, news)
+adopt_staged(op_id, news, ARGV[#ARGV])
 push_all('RPUSH', P .. 'arrivals:' .. t, news)
 journal(s, 'P', words)
 if t > (meta_num('max_target') or -1) then redis.call('HSET', K_META, 'max_target', t) end
@@ -458,7 +470,7 @@ if done_op then
   local w = split(done_op)
   local refs = {}
   for i = 2, #w do refs[#refs + 1] = w[i] end
-  return {'ok', tonumber(w[1]), hand_over(ARGV[8], ARGV[2], refs)}
+  return {'ok', tonumber(w[1]), hand_over(ARGV[8], ARGV[2], refs, true)}
 end
 local s, want = tonumber(ARGV[3]), tonumber(ARGV[6])
 local err = check_lease(s, ARGV[4], ARGV[5])

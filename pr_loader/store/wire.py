@@ -356,11 +356,12 @@ def staged_in_transaction(
     """Upload ``payloads`` to the stage keys ``names`` and run ``script`` (which adopts them by RENAME or
     drops them: payload bytes never enter Lua) in one round trip: a MULTI transaction of MSETs and the
     EVALSHA (measured faster than SETs with a TTL: fewer commands to pack and parse). Should the server
-    have lost its script cache, the stages get a TTL and the script is loaded and run at once."""
+    have lost its script cache, the stages get a TTL and the script is loaded and run at once. The script
+    gets one more ARGV, last: ``'1'`` when the stages carry a TTL (it drops it on adoption), else ``'0'``."""
     pipe = client.pipeline(transaction=True)
     for i in range(0, len(names), _MSET_KEYS):  # hiredis packs one huge command slowly
         pipe.mset(dict(zip(names[i : i + _MSET_KEYS], payloads[i : i + _MSET_KEYS])))
-    pipe.evalsha(script.sha, 1, meta_key, *argv)
+    pipe.evalsha(script.sha, 1, meta_key, *argv, "0")
     *uploads, reply = pipe.execute(raise_on_error=False)
     for item in uploads:
         if isinstance(item, Exception):  # e.g. OOM: the script then found its stages missing
@@ -370,7 +371,7 @@ def staged_in_transaction(
         for stage in names:  # (so that a crash right now cannot leave them forever)
             expire.expire(stage, _STAGE_TTL)
         expire.execute()
-        return list(script(keys=[meta_key], args=argv))  # (loads it, then runs it)
+        return list(script(keys=[meta_key], args=[*argv, "1"]))  # (loads it, then runs it)
     if isinstance(reply, Exception):
         raise reply
     return list(reply)
@@ -385,4 +386,4 @@ def staged_then_run(
     for stage, payload in zip(names, payloads):
         pipe.set(stage, payload, ex=_STAGE_TTL)
     pipe.execute()
-    return list(script(keys=[meta_key], args=argv))
+    return list(script(keys=[meta_key], args=[*argv, "1"]))

@@ -374,6 +374,18 @@ def test_postpone_refusals_change_nothing(store: BatchStore, client: redis.Redis
     assert store.postpone(0, "c", [], 2, now=0) == []
 
 
+def test_postpone_from_an_emptied_step_names_the_missing_row(store: BatchStore, client: redis.Redis) -> None:
+    claimed = store.claim("c", 10, now=0)
+    assert claimed is not None
+    gone = claimed.rows[0].ref
+    store.postpone(0, "c", [(r.ref, b"later") for r in claimed.rows], 2, now=0)
+    assert store.read_rows(0) == []  # (Redis deleted the emptied rows list)
+    before = dump(client, store)
+    with pytest.raises(RowsNotInStep, match=gone.encode()):
+        store.postpone(0, "c", [(gone, b"again")], 2, now=0)
+    assert dump(client, store) == before
+
+
 def test_prefetch_takes_nearest_heads_first(store: BatchStore) -> None:
     store.claim("c", 10, now=0)
     got = store.prefetch(0, "c", 6, 2, now=0)

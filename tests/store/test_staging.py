@@ -28,6 +28,7 @@ def test_staged_writes_survive_a_flushed_script_cache(
     (new,) = store.postpone(claimed.step, "c", [(row.ref, b"partial")], claimed.step + 1)
     assert _stage_keys(client, store) == []
     assert client.get(store.keys.payload(new.encode())) == b"partial"
+    assert client.ttl(store.keys.payload(new.encode())) == -1  # (the stage's TTL was dropped on adoption)
     assert store.stats().payloads == 2 * store.config.batch_size + 1  # the old version stays until GC
 
 
