@@ -27,16 +27,24 @@ big (``ONE_PIECE``: the transaction and the sizes cost ~0.8 ms for 256 rows, mea
 RESP3, in-process fakeredis, small payloads) :func:`pipelined` sends the commands without the transaction
 through redis-py (another client may then run commands between the script and the SORT: ``BatchStore``
 checks the payloads it gets); a cluster reads payloads with MGET after the script instead.
+
+The write side, on the same sockets: a staged upload (``MULTI`` / ``MSET`` stages / ``EVALSHA`` / ``EXEC``)
+goes out by scatter-gather ``sendmsg`` from the payloads' own buffers (:func:`_frames`, :func:`_send`).
+redis-py's hiredis packer copies every payload into one command at ~0.4 GB/s on this VM (measured: 21 ms
+for 8 x 1 MiB, against 0.9 ms to join the same bytes), which made the packing cost as much as the raw write
+it was compared with.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
 import sys
 import threading
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import redis
@@ -50,9 +58,13 @@ __all__ = [
 # A reply this big is received in one piece when it can be: redis-py would need 16 reads (GIL releases)
 ONE_PIECE = 1 << 20
 Payloads = list[bytes | memoryview | None]  # (views from transact, bytes from pipelined)
+_T = TypeVar("_T")
 
 _CHUNK = 1 << 16
+_INLINE = 1 << 12  # arguments from this size are sent from their own buffer (see _frames)
+_IOV_MAX = 1000  # buffers per sendmsg (Linux takes 1024)
 _MSET_KEYS = 8  # keys per MSET of staged payloads: hiredis.pack_command slows down superlinearly with size
+_MSET_KEYS_SENT = 512  # the same when sent from the payloads' own buffers (no packing)
 _STAGE_TTL = 3600  # seconds an uploaded payload waits for its script (dropped by it in any case)
 
 
@@ -216,6 +228,49 @@ class _Reader:
         return out, size
 
 
+def _frames(commands: list[tuple[Any, ...]]) -> list[bytes]:
+    """The RESP2 request of ``commands`` as buffers to send in order: the small arguments framed together,
+    each big ``bytes`` argument (a payload) a buffer of its own, never copied."""
+    out: list[bytes] = []
+    head = bytearray()
+    for command in commands:
+        head += b"*%d\r\n" % len(command)
+        for arg in command:
+            if type(arg) is bytes:
+                data = arg
+            elif isinstance(arg, (bytearray, memoryview)):
+                data = bytes(arg)
+            else:
+                data = str(arg).encode()  # (str, int, float: as redis-py sends them)
+            head += b"$%d\r\n" % len(data)
+            if len(data) < _INLINE:
+                head += data
+                head += _CRLF
+            else:
+                out += (bytes(head), data)
+                head = bytearray(_CRLF)
+    out.append(bytes(head))
+    return out
+
+
+def _send(sock: socket.socket, buffers: list[bytes]) -> None:
+    """Send ``buffers`` whole, in order, by scatter-gather ``sendmsg`` (one call for up to ``_IOV_MAX`` of
+    them: one GIL release, no joined copy; hiredis packs payloads into one command at ~0.4 GB/s here)."""
+    views = [memoryview(b) for b in buffers]
+    first = 0
+    while first < len(views):
+        sent = sock.sendmsg(views[first : first + _IOV_MAX])
+        while sent:  # (a blocking send may still stop short, e.g. on a signal)
+            size = views[first].nbytes
+            if sent < size:
+                views[first] = views[first][sent:]
+                break
+            sent -= size
+            first += 1
+        while first < len(views) and not views[first].nbytes:  # (empty payloads: nothing to send)
+            first += 1
+
+
 def _error(message: str) -> redis.exceptions.ResponseError:
     if message.startswith("NOSCRIPT"):
         return redis.exceptions.NoScriptError(message)
@@ -296,44 +351,55 @@ def _receive(reader: _Reader) -> tuple[Any, Payloads | Exception | None]:
     return script_reply, payloads
 
 
-def transact(client: Any, sha: str, script_args: list[Any], xfer: str, pattern: str) -> SizedReply:
-    """Send ``MULTI / EVALSHA sha 1 <script_args> / SORT xfer BY nosort GET pattern / DEL xfer / EXEC`` on a
-    connection of ``client``'s pool (see :func:`supports`) and read the replies. ``script_args`` is the key
-    then ARGV, with the hand-over flag ``'2'`` last. A refused command raises its ``ResponseError``
-    (``NoScriptError`` for an unknown script); socket trouble raises ``ConnectionError`` /
-    ``TimeoutError`` (the connection is dropped: it may be out of step)."""
+def _exchange(client: Any, exchange: Callable[[socket.socket], _T]) -> _T:
+    """Run ``exchange`` (send commands, read their replies) on a connection of ``client``'s pool, its socket
+    blocking (what ``MSG_WAITALL`` and a whole ``sendmsg`` need), the connection's timeout kept as
+    ``SO_RCVTIMEO`` / ``SO_SNDTIMEO``. A refused command raises its ``ResponseError`` (``NoScriptError`` for
+    an unknown script); socket trouble raises ``ConnectionError`` / ``TimeoutError`` and drops the
+    connection (it may be out of step)."""
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
-        conn.send_packed_command(conn.pack_commands([
-            ("MULTI",), ("EVALSHA", sha, 1, *script_args), ("SORT", xfer, "BY", "nosort", "GET", pattern),
-            ("DEL", xfer), ("EXEC",),
-        ]))  # fmt: skip
         sock: socket.socket = conn._sock
         timeout = sock.gettimeout()
-        sock.settimeout(None)  # MSG_WAITALL needs a blocking socket; SO_RCVTIMEO keeps the time limit
+        sock.settimeout(None)
         seconds = 0.0 if timeout is None else timeout
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))  # fmt: skip
+        limit = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         try:
-            script_reply, payloads = _receive(_Reader(sock))
+            result = exchange(sock)
         finally:
             sock.settimeout(timeout)
     except redis.exceptions.ResponseError:
         pool.release(conn)
         raise
-    except BlockingIOError as exc:  # SO_RCVTIMEO ran out
+    except BlockingIOError as exc:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
         conn.disconnect()
         pool.release(conn)
-        raise redis.TimeoutError(f"Timeout reading from socket: {exc}") from exc
+        raise redis.TimeoutError(f"Timeout on the socket: {exc}") from exc
     except BaseException as exc:
         conn.disconnect()
         pool.release(conn)
         if isinstance(exc, OSError):
-            raise redis.ConnectionError(f"Error reading from socket: {exc}") from exc
+            raise redis.ConnectionError(f"Error on the socket: {exc}") from exc
         raise
     pool.release(conn)
-    return SizedReply(script_reply, payloads)
+    return result
+
+
+def transact(client: Any, sha: str, script_args: list[Any], xfer: str, pattern: str) -> SizedReply:
+    """Send ``MULTI / EVALSHA sha 1 <script_args> / SORT xfer BY nosort GET pattern / DEL xfer / EXEC`` on a
+    connection of ``client``'s pool (see :func:`supports`) and read the replies (errors: see
+    :func:`_exchange`). ``script_args`` is the key then ARGV, with the hand-over flag ``'2'`` last."""
+    commands = [("MULTI",), ("EVALSHA", sha, 1, *script_args), ("SORT", xfer, "BY", "nosort", "GET", pattern),
+                ("DEL", xfer), ("EXEC",)]  # fmt: skip
+
+    def exchange(sock: socket.socket) -> SizedReply:
+        _send(sock, _frames(commands))
+        return SizedReply(*_receive(_Reader(sock)))
+
+    return _exchange(client, exchange)
 
 
 def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern: str) -> SizedReply:
@@ -350,20 +416,47 @@ def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern:
     return SizedReply(script_reply, payloads)
 
 
+def _receive_exec(reader: _Reader, queued: int) -> list[Any]:
+    """The replies of MULTI, ``queued`` commands and EXEC: EXEC's results (an error reply of a command
+    inside is an exception object in its place). A command refused when queued raises its error."""
+    replies = [reader.value() for _ in range(queued + 1)]  # MULTI's OK, then QUEUED or a refusal each
+    results = reader.value()  # (EXECABORT after a refusal)
+    refused = next((r for r in replies if isinstance(r, Exception)), None)
+    if refused is not None:
+        raise refused
+    if isinstance(results, Exception):
+        raise results
+    return list(results)
+
+
+def _upload(commands: list[tuple[Any, ...]], sock: socket.socket) -> list[Any]:
+    _send(sock, _frames([("MULTI",), *commands, ("EXEC",)]))
+    return _receive_exec(_Reader(sock), len(commands))
+
+
 def staged_in_transaction(
     client: Any, script: Script, meta_key: str, argv: list[str], names: list[str], payloads: list[bytes]
 ) -> list[Any]:
     """Upload ``payloads`` to the stage keys ``names`` and run ``script`` (which adopts them by RENAME or
     drops them: payload bytes never enter Lua) in one round trip: a MULTI transaction of MSETs and the
-    EVALSHA (measured faster than SETs with a TTL: fewer commands to pack and parse). Should the server
-    have lost its script cache, the stages get a TTL and the script is loaded and run at once. The script
-    gets one more ARGV, last: ``'1'`` when the stages carry a TTL (it drops it on adoption), else ``'0'``."""
-    pipe = client.pipeline(transaction=True)
-    for i in range(0, len(names), _MSET_KEYS):  # hiredis packs one huge command slowly
-        pipe.mset(dict(zip(names[i : i + _MSET_KEYS], payloads[i : i + _MSET_KEYS])))
-    pipe.evalsha(script.sha, 1, meta_key, *argv, "0")
-    *uploads, reply = pipe.execute(raise_on_error=False)
-    for item in uploads:
+    EVALSHA (measured faster than SETs with a TTL: fewer commands to pack and parse). On a plain socket
+    (:func:`supports`) the payloads go out from their own buffers (:func:`_send`); otherwise through
+    redis-py, whose packing copies them. Should the server have lost its script cache, the stages get a
+    TTL and the script is loaded and run at once. The script gets one more ARGV, last: ``'1'`` when the
+    stages carry a TTL (it drops it on adoption), else ``'0'``."""
+    if supports(client):
+        pairs = [v for pair in zip(names, payloads) for v in pair]
+        step = 2 * _MSET_KEYS_SENT
+        uploads = [("MSET", *pairs[i : i + step]) for i in range(0, len(pairs), step)]
+        script_call = ("EVALSHA", script.sha, 1, meta_key, *argv, "0")
+        *results, reply = _exchange(client, functools.partial(_upload, [*uploads, script_call]))
+    else:
+        pipe = client.pipeline(transaction=True)
+        for i in range(0, len(names), _MSET_KEYS):  # hiredis packs one huge command slowly
+            pipe.mset(dict(zip(names[i : i + _MSET_KEYS], payloads[i : i + _MSET_KEYS])))
+        pipe.evalsha(script.sha, 1, meta_key, *argv, "0")
+        *results, reply = pipe.execute(raise_on_error=False)
+    for item in results:
         if isinstance(item, Exception):  # e.g. OOM: the script then found its stages missing
             raise item
     if isinstance(reply, redis.exceptions.NoScriptError):  # a restarted or flushed server

@@ -352,16 +352,21 @@ class Killer:
             fire_if_armed()
             return orig_receive(*args, **kwargs)
 
-        orig_receive = wire._receive
+        def receive_exec(*args: Any, **kwargs: Any) -> Any:  # (a staged write sent from its own buffers)
+            killer._local.sent_script = True  # (its transaction always carries the script)
+            fire_if_armed()
+            return orig_receive_exec(*args, **kwargs)
+
+        orig_receive, orig_receive_exec = wire._receive, wire._receive_exec
         cls.send_packed_command = send_packed_command  # type: ignore[method-assign]
         cls.read_response = read_response  # type: ignore[method-assign]
-        wire._receive = receive
+        wire._receive, wire._receive_exec = receive, receive_exec
         try:
             yield
         finally:
             cls.send_packed_command = orig_send  # type: ignore[method-assign]
             cls.read_response = orig_read  # type: ignore[method-assign]
-            wire._receive = orig_receive
+            wire._receive, wire._receive_exec = orig_receive, orig_receive_exec
 
 
 # ---------------------------------------------------------------------------------------------------

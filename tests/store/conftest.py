@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import fakeredis
@@ -24,6 +25,17 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("store-redis"), appendonly=False).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def own_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own (no AOF), reached over TCP or a unix socket: for tests that stop,
+    configure or watch it."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server binary not installed")
+    srv = RedisServer(tmp_path / "redis", unix_socket=request.param == "unix", appendonly=False).start()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -56,8 +68,10 @@ def fill(store: BatchStore, steps: range | list[int]) -> None:
     cfg = store.config
     for s in steps:
         epoch = s // cfg.steps_per_epoch
-        rows = [(s * cfg.batch_size + i, f"p{epoch}:{s * cfg.batch_size + i}".encode())
-                for i in range(cfg.batch_size)]
+        rows = [
+            (s * cfg.batch_size + i, f"p{epoch}:{s * cfg.batch_size + i}".encode())
+            for i in range(cfg.batch_size)
+        ]
         store.materialise(s, rows)
 
 
@@ -77,5 +91,3 @@ def store(new_store: Callable[..., BatchStore]) -> BatchStore:
     st = new_store()
     fill(st, range(6))
     return st
-
-

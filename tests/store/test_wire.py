@@ -7,8 +7,6 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import fakeredis
 import numpy as np
@@ -23,20 +21,13 @@ from tests.store.conftest import make_config
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server binary not installed")
 
 
-@pytest.fixture(params=["tcp", "unix"])
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path / "redis", unix_socket=request.param == "unix", appendonly=False).start()
-    yield srv
-    srv.stop()
-
-
 def _store(client: redis.Redis, batch_size: int = 4) -> BatchStore:
     return BatchStore.open(client, make_config(batch_size=batch_size, steps_per_epoch=2))
 
 
-def test_claim_and_prefetch_payloads_arrive_in_one_buffer(server: RedisServer) -> None:
+def test_claim_and_prefetch_payloads_arrive_in_one_buffer(own_server: RedisServer) -> None:
     """Sizes from 0 bytes to several MiB, in list order; every payload is a read-only view of one buffer."""
-    client = server.client()
+    client = own_server.client()
     store = _store(client, batch_size=6)
     assert store._sized_reads
     sizes = [0, 1, 9, 10, 4 << 20, 65536 + 3]
@@ -61,8 +52,8 @@ def test_claim_and_prefetch_payloads_arrive_in_one_buffer(server: RedisServer) -
     client.close()
 
 
-def test_a_flushed_script_cache_is_reloaded_within_the_call(server: RedisServer) -> None:
-    client = server.client()
+def test_a_flushed_script_cache_is_reloaded_within_the_call(own_server: RedisServer) -> None:
+    client = own_server.client()
     store = _store(client)
     store.materialise(0, [(i, b"x%d" % i) for i in range(4)])
     client.script_flush()
@@ -72,28 +63,28 @@ def test_a_flushed_script_cache_is_reloaded_within_the_call(server: RedisServer)
     client.close()
 
 
-def test_a_stopped_server_times_out_instead_of_hanging(server: RedisServer) -> None:
+def test_a_stopped_server_times_out_instead_of_hanging(own_server: RedisServer) -> None:
     """The blocking MSG_WAITALL read keeps the client's socket timeout (SO_RCVTIMEO)."""
-    client = server.client(socket_timeout=0.3)
+    client = own_server.client(socket_timeout=0.3)
     store = BatchStore.open(client, make_config(steps_per_epoch=2), retry_seconds=0.5)
     store.materialise(0, [(i, b"y" * 100) for i in range(4)])
-    assert server.proc is not None
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    assert own_server.proc is not None
+    os.kill(own_server.proc.pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
         with pytest.raises(StoreUnavailable):
             store.claim("c", 60, now=0)
         assert time.monotonic() - started < 10
     finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
+        os.kill(own_server.proc.pid, signal.SIGCONT)
     claimed = store.claim("c", 60, now=0)  # (step 1 if the server ran the timed-out transaction after all)
     assert claimed is not None and claimed.step in (0, 1)
     client.close()
 
 
-def test_the_read_leaves_the_connection_usable(server: RedisServer) -> None:
+def test_the_read_leaves_the_connection_usable(own_server: RedisServer) -> None:
     """Replies after the transaction are in step: the pool's connection serves ordinary commands next."""
-    client = server.client(max_connections=1)
+    client = own_server.client(max_connections=1)
     store = _store(client)
     for step in range(2):
         store.materialise(step, [(4 * step + i, b"z" * (50_000 + i)) for i in range(4)])
@@ -106,9 +97,9 @@ def test_the_read_leaves_the_connection_usable(server: RedisServer) -> None:
     client.close()
 
 
-def test_concurrent_claims_on_threads(server: RedisServer) -> None:
+def test_concurrent_claims_on_threads(own_server: RedisServer) -> None:
     """Threads claiming through one pool each get whole, distinct steps."""
-    client = server.client()
+    client = own_server.client()
     store = BatchStore.open(client, make_config(batch_size=8, steps_per_epoch=16, num_epochs=1))
     for step in range(16):
         store.materialise(step, [(8 * step + i, b"%d:%d" % (step, i) * 999) for i in range(8)])
@@ -134,10 +125,10 @@ def test_concurrent_claims_on_threads(server: RedisServer) -> None:
     client.close()
 
 
-def test_which_clients_it_serves(server: RedisServer) -> None:
-    plain = server.client()
+def test_which_clients_it_serves(own_server: RedisServer) -> None:
+    plain = own_server.client()
     assert wire.supports(plain)
-    resp3 = redis.Redis.from_url(server.url, protocol=3)
+    resp3 = redis.Redis.from_url(own_server.url, protocol=3)
     assert not wire.supports(resp3)
     assert not wire.supports(fakeredis.FakeRedis())
     ssl_pool = redis.ConnectionPool(connection_class=redis.SSLConnection, host="127.0.0.1", port=1)
@@ -148,10 +139,10 @@ def test_which_clients_it_serves(server: RedisServer) -> None:
     resp3.close()
 
 
-def test_small_reads_go_pipelined_and_big_ones_in_one_piece(server: RedisServer) -> None:
+def test_small_reads_go_pipelined_and_big_ones_in_one_piece(own_server: RedisServer) -> None:
     """The transaction only pays off for big replies: after a read below ``ONE_PIECE`` the next one is
     pipelined through redis-py (bytes), after a big one it is received in one piece (views)."""
-    client = server.client()
+    client = own_server.client()
     store = BatchStore.open(client, make_config(batch_size=2, steps_per_epoch=4, num_epochs=1))
     big = wire.ONE_PIECE // 2 + 1
     for step, size in enumerate([10, 10, big, big]):
@@ -167,10 +158,10 @@ def test_small_reads_go_pipelined_and_big_ones_in_one_piece(server: RedisServer)
     client.close()
 
 
-def test_a_receive_buffer_in_use_is_never_reused(server: RedisServer) -> None:
+def test_a_receive_buffer_in_use_is_never_reused(own_server: RedisServer) -> None:
     """Claims reuse receive buffers nobody refers to any more, and only those: payload views kept from
     earlier claims (or tensors made from them) keep their bytes."""
-    client = server.client()
+    client = own_server.client()
     store = BatchStore.open(client, make_config(batch_size=4, steps_per_epoch=12, num_epochs=1))
     size = wire.ONE_PIECE // 4 + 1
     for step in range(12):
@@ -194,9 +185,9 @@ def test_a_receive_buffer_in_use_is_never_reused(server: RedisServer) -> None:
     client.close()
 
 
-def test_a_forked_child_gets_its_own_buffers(server: RedisServer) -> None:
+def test_a_forked_child_gets_its_own_buffers(own_server: RedisServer) -> None:
     """A fork while a parent thread holds the buffer pool's lock leaves the child a pool of its own."""
-    client = server.client()
+    client = own_server.client()
     store = _store(client)
     store.materialise(0, [(i, b"f%d" % i) for i in range(4)])
     with wire._BUFFERS._lock:  # (as if a parent thread were inside take() at the fork)
@@ -204,7 +195,7 @@ def test_a_forked_child_gets_its_own_buffers(server: RedisServer) -> None:
         if pid == 0:  # pragma: no cover (the child)
             signal.alarm(20)  # (a deadlock would otherwise hang the test run)
             try:
-                child = BatchStore.open(redis.Redis.from_url(server.url), store.config)
+                child = BatchStore.open(redis.Redis.from_url(own_server.url), store.config)
                 claimed = child.claim("child", 60, now=0)
                 got = [] if claimed is None else [r.buffer for r in claimed.rows]
                 ok = [bytes(b) for b in got] == [b"f0", b"f1", b"f2", b"f3"] and type(got[0]) is memoryview
