@@ -2,7 +2,9 @@
 
 All keys of a shard share the hash tag ``{<run_id>:<rank>}``, so they live in one Redis Cluster slot and every
 Lua script of the shard is atomic and cluster-safe. Scripts receive :attr:`ShardKeys.prefix` and build the
-per-step names below themselves; keep the two in sync (``scripts.py`` uses the same suffixes).
+per-step names below themselves; keep the two in sync (``scripts.py`` uses the same suffixes). One name
+exists only inside a script: POSTPONE keeps a copy of ``rows:<s>`` in ``rows:<s>:kept`` until it knows every
+row it removes was there (and puts it back otherwise).
 """
 
 from __future__ import annotations
