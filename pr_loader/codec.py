@@ -378,10 +378,11 @@ class _Decoder:
     """State of one ``decode`` call: the raw area, the nesting depth and what tensors become (private
     copies, views of the payload, or :class:`RawTensor` records)."""
 
-    __slots__ = ("allow_pickle", "copy", "depth", "raw", "raw_tensors")
+    __slots__ = ("allow_pickle", "copy", "depth", "raw", "raw_nbytes", "raw_tensors")
 
     def __init__(self, raw: memoryview, allow_pickle: bool, copy: bool, raw_tensors: bool) -> None:
         self.raw = raw
+        self.raw_nbytes = raw.nbytes
         self.allow_pickle = allow_pickle
         self.copy = copy
         self.raw_tensors = raw_tensors
@@ -397,7 +398,7 @@ class _Decoder:
             self.depth -= 1
 
     def check_raw(self, offset: int, nbytes: int) -> None:
-        if offset + nbytes > self.raw.nbytes:
+        if offset + nbytes > self.raw_nbytes:
             raise CodecError(
                 f"truncated payload: data at offset {offset} needs {nbytes} bytes, "
                 f"{max(len(self.raw) - offset, 0)} present"
@@ -408,8 +409,14 @@ class _Decoder:
         return np.frombuffer(self.raw, dtype, count, offset).copy()
 
     def ext_hook(self, code: int, data: bytes) -> Any:
-        if code == _EXT_TENSOR:
-            return self.tensor(data)
+        if code == _EXT_TENSOR:  # (the hot path, inlined: a batch decodes several per row)
+            torch_dtype, shape, offset, nbytes = _tensor_record(data)
+            if nbytes and offset + nbytes > self.raw_nbytes:
+                self.check_raw(offset, nbytes)
+            tensor_bytes = self.raw[offset : offset + nbytes] if nbytes else _EMPTY
+            if self.raw_tensors:
+                return RawTensor(tensor_bytes, torch_dtype, shape)
+            return _make_tensor(tensor_bytes, torch_dtype, shape, self.copy)
         if code == _EXT_NDARRAY:
             return self.ndarray(data)
         if code == _EXT_TUPLE:
@@ -432,15 +439,6 @@ class _Decoder:
                 raise CodecError(_PICKLE_REFUSED)
             return pickle.loads(data)
         raise CodecError(f"corrupt payload: unknown extension type {code}")
-
-    def tensor(self, data: bytes) -> torch.Tensor | RawTensor:
-        dtype, shape, offset, nbytes = _tensor_record(data)
-        if nbytes and offset + nbytes > self.raw.nbytes:
-            self.check_raw(offset, nbytes)
-        tensor_bytes = self.raw[offset : offset + nbytes] if nbytes else _EMPTY
-        if self.raw_tensors:
-            return RawTensor(tensor_bytes, dtype, shape)
-        return _make_tensor(tensor_bytes, dtype, shape, self.copy)
 
     def np_dtype(self, text: bytes, scalar: bool = False) -> np.dtype[Any]:
         if len(text) > _MAX_DTYPE_STR:
@@ -507,9 +505,11 @@ def _decode(data: bytes | bytearray | memoryview, allow_pickle: bool, copy: bool
         view = memoryview(data).cast("B")
     except (TypeError, ValueError) as exc:
         raise CodecError(f"expected bytes, got {type(data).__name__}") from exc
-    if len(view) < _HEADER.size or _HEADER.unpack_from(view)[0] != MAGIC:
+    if len(view) < _HEADER.size:
         raise CodecError(f"not a pr_loader codec payload (starts with {bytes(view[:8])!r})")
-    _, version, flags, skeleton_len = _HEADER.unpack_from(view)
+    magic, version, flags, skeleton_len = _HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise CodecError(f"not a pr_loader codec payload (starts with {bytes(view[:8])!r})")
     if version != FORMAT_VERSION:
         raise CodecError(
             f"payload format version {version} is not supported (this build reads {FORMAT_VERSION})"
