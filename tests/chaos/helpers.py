@@ -357,16 +357,23 @@ class Killer:
             fire_if_armed()
             return orig_receive_exec(*args, **kwargs)
 
+        def read_replies(*args: Any, **kwargs: Any) -> Any:  # (a small claim's or prefetch's pipelined read)
+            killer._local.sent_script = True  # (its pipeline always starts with the script)
+            fire_if_armed()
+            return orig_read_replies(*args, **kwargs)
+
         orig_receive, orig_receive_exec = wire._receive, wire._receive_exec
+        orig_read_replies = wire._read_replies
         cls.send_packed_command = send_packed_command  # type: ignore[method-assign]
         cls.read_response = read_response  # type: ignore[method-assign]
-        wire._receive, wire._receive_exec = receive, receive_exec
+        wire._receive, wire._receive_exec, wire._read_replies = receive, receive_exec, read_replies
         try:
             yield
         finally:
             cls.send_packed_command = orig_send  # type: ignore[method-assign]
             cls.read_response = orig_read  # type: ignore[method-assign]
             wire._receive, wire._receive_exec = orig_receive, orig_receive_exec
+            wire._read_replies = orig_read_replies
 
 
 # ---------------------------------------------------------------------------------------------------

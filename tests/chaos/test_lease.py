@@ -21,7 +21,7 @@ from tests.chaos.helpers import TALLY, check_exactly_once, diff_snapshots, expec
 from tests.chaos.proxy import ChaosProxy
 from tests.chaos.workload import Workload, committed_keys, committed_trace, materialise_if_needed
 from tests.servers import RedisServer
-from tests.store.helpers import InterleavedPipeline
+from tests.store.helpers import interleave_pipelined
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -212,16 +212,17 @@ def test_claim_racing_a_lease_steal_does_not_fail_with_missing_payload(
             if not stolen:
                 stolen.append(store_b.claim("B", 100.0, now=1000.0))
 
-        original_mget, original_pipeline = client_c.mget, client_c.pipeline
+        original_mget = client_c.mget
 
         def mget_after_a_steal(*args: Any, **kwargs: Any) -> Any:
             steal()
             return original_mget(*args, **kwargs)
 
-        if read == "sort":  # (the pipeline of a TLS or RESP3 client: on a plain socket the script and the
-            # SORT are one transaction, which nothing can come in between)
+        patches = pytest.MonkeyPatch()
+        if read == "sort":  # (the pipelined read of small replies, TLS or RESP3: in the one-transaction read
+            # of big replies the script and the SORT are one transaction, which nothing can come in between)
             store_c._sized_reads = False
-            client_c.pipeline = lambda **_: InterleavedPipeline(client_c, steal)  # type: ignore[method-assign]
+            interleave_pipelined(patches, client_c, steal)
         else:
             store_c._payload_pattern = None  # the fallback of a cluster or a confined ACL user
             client_c.mget = mget_after_a_steal  # type: ignore[method-assign]
@@ -232,7 +233,8 @@ def test_claim_racing_a_lease_steal_does_not_fail_with_missing_payload(
         except Exception as exc:
             raise AssertionError(f"claim racing a steal failed with {type(exc).__name__}: {exc}") from exc
         finally:
-            client_c.mget, client_c.pipeline = original_mget, original_pipeline  # type: ignore[method-assign]
+            patches.undo()
+            client_c.mget = original_mget  # type: ignore[method-assign]
         assert stolen, "the steal never ran between the claim script and the payload read"
         if c is not None:
             assert all(r.payload for r in c.rows)

@@ -1,13 +1,15 @@
-"""Helpers of the store tests: full dumps of a shard's data, for exact comparisons."""
+"""Helpers of the store tests: full dumps of a shard's data, for exact comparisons; a script and its
+pipelined payload read pulled apart."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis
 
-from pr_loader.store import BatchStore
+from pr_loader.store import BatchStore, wire
 
 LIST_KINDS = ("batch", "arrivals", "rows", "journal")
 
@@ -93,3 +95,20 @@ class InterleavedPipeline:
                     raise
                 out.append(exc)
         return out
+
+
+def interleave_pipelined(
+    monkeypatch: pytest.MonkeyPatch, client: redis.Redis, between: Callable[[], object]
+) -> None:
+    """Make ``between`` run between a store script and the payload read pipelined behind it (what another
+    client can do there): in ``wire._pipeline`` on a plain socket, through :class:`InterleavedPipeline`
+    otherwise (fakeredis)."""
+    real = wire._pipeline
+
+    def interleaved(commands: list[tuple[Any, ...]], sock: Any) -> list[Any]:
+        first = real(commands[:1], sock)
+        between()
+        return first + real(commands[1:], sock)
+
+    monkeypatch.setattr(wire, "_pipeline", interleaved)
+    monkeypatch.setattr(client, "pipeline", lambda **_: InterleavedPipeline(client, between))

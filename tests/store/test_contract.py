@@ -20,9 +20,9 @@ from pr_loader.errors import (
     StoreError,
     UnsupportedSchema,
 )
-from pr_loader.store import BatchStore, RowRef
+from pr_loader.store import BatchStore, RowRef, wire
 from tests.store.conftest import fill, make_config
-from tests.store.helpers import InterleavedPipeline, dump
+from tests.store.helpers import InterleavedPipeline, dump, interleave_pipelined
 
 NewStore = Callable[..., BatchStore]
 
@@ -262,10 +262,10 @@ def test_claim_that_loses_its_lease_while_reading_payloads_says_so(
         monkeypatch.undo()
         other.claim("B", 100, now=1000)
 
-    if read == "pipeline":  # the payloads are read by a SORT pipelined behind the script (TLS, RESP3; on a
-        # plain socket the script and the SORT run in one transaction, where nothing can come in between)
+    if read == "pipeline":  # the payloads are read by a SORT pipelined behind the script (small replies, TLS,
+        # RESP3; big replies on a plain socket run script and SORT in one transaction: nothing comes between)
         store._sized_reads = False
-        monkeypatch.setattr(client, "pipeline", lambda **_: InterleavedPipeline(client, steal))
+        interleave_pipelined(monkeypatch, client, steal)
     else:  # the MGET fallback (a cluster, or an ACL user the server refuses SORT ... GET)
         store._payload_pattern = None
         original = client.mget
@@ -316,6 +316,13 @@ def test_a_failed_sort_falls_back_to_mget(
         raise error
 
     store._sized_reads = False  # (the pipelined SORT; tests/test_acl.py has the transaction's refusals)
+    real = wire._pipeline
+
+    def sort_refused(commands: list[tuple[object, ...]], sock: object) -> list[object]:  # (a plain socket)
+        script_reply, _, deleted = real(commands, sock)
+        return [script_reply, error, deleted]
+
+    monkeypatch.setattr(wire, "_pipeline", sort_refused)
     monkeypatch.setattr(client, "pipeline", lambda **_: InterleavedPipeline(client, lambda: None))
     monkeypatch.setattr(client, "sort", fail)
     claimed = store.claim("A", 100, now=10)

@@ -7,6 +7,7 @@ import pickle
 import signal
 import threading
 import time
+from typing import Any
 
 import fakeredis
 import numpy as np
@@ -155,6 +156,35 @@ def test_small_reads_go_pipelined_and_big_ones_in_one_piece(own_server: RedisSer
         kinds.append(type(claimed.rows[0].buffer).__name__)
         store.commit(step, "c", now=0)
     assert kinds == ["memoryview", "bytes", "bytes", "memoryview"]  # (the first read of a store: one piece)
+    client.close()
+
+
+def test_the_pipelined_read_on_a_plain_socket(
+    own_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small replies: script, SORT and DEL sent and parsed by the store itself (hiredis), not redis-py's
+    Pipeline; an error reply (NOSCRIPT after a flush) is raised as redis-py's exception and handled."""
+    client = own_server.client(max_connections=1)
+    store = BatchStore.open(client, make_config(batch_size=3, steps_per_epoch=3))
+    for step in range(3):
+        store.materialise(step, [(3 * step + i, b"s%d" % (3 * step + i)) for i in range(3)])
+    store._last_read["CLAIM"] = store._last_read["PREFETCH"] = 0  # (as after a small read)
+    reads: list[int] = []
+    real = wire._read_replies
+
+    def spy(sock: Any, count: int) -> list[Any]:
+        reads.append(count)
+        return real(sock, count)
+
+    monkeypatch.setattr(wire, "_read_replies", spy)
+    monkeypatch.setattr(client, "pipeline", None)  # (redis-py's Pipeline is not used)
+    client.script_flush()
+    claimed = store.claim("c", 60, now=0)
+    assert claimed is not None and [r.payload for r in claimed.rows] == [b"s0", b"s1", b"s2"]
+    fetched = store.prefetch(0, "c", 2, 1, now=0)
+    assert [r.payload for r in fetched.rows] == [b"s3", b"s4"]
+    assert reads == [3, 3, 3, 3]  # (each ran twice: NOSCRIPT, then with its script loaded)
+    assert client.echo("in step") == b"in step" and client.keys(store.keys.prefix + "xfer:*") == []
     client.close()
 
 
