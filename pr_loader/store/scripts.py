@@ -137,9 +137,9 @@ local function meta_num(field)
 end
 
 local function total_steps()  -- E*S, or nil for an endless run
-  local e = redis.call('HGET', K_META, 'num_epochs')
-  if e == '' then return nil end
-  return tonumber(e) * meta_num('steps_per_epoch')
+  local m = redis.call('HMGET', K_META, 'num_epochs', 'steps_per_epoch')
+  if m[1] == '' then return nil end
+  return tonumber(m[1]) * tonumber(m[2])
 end
 
 local function claimed(t)  -- claimed, committed, skipped or garbage-collected
@@ -479,7 +479,8 @@ local total = total_steps()
 local got, needs = {}, -1
 for t = s + 1, tonumber(ARGV[7]) do
   if #got >= want then break end
-  if not claimed(t) and not (total and t >= total) then
+  -- (t > s >= gc_floor, s being in flight: claimed(t) is its HEXISTS alone)
+  if redis.call('HEXISTS', K_STEPS, t) == 0 and not (total and t >= total) then
     if redis.call('HEXISTS', K_MAT, t) == 0 then
       needs = t
       break
