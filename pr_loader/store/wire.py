@@ -47,10 +47,14 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
-import hiredis
 import numpy as np
 import redis
 from redis.commands.core import Script
+
+try:
+    import hiredis
+except ImportError:  # (installed with pr_loader; without it the pipelined read goes through redis-py)
+    hiredis = None  # type: ignore[assignment]
 
 __all__ = [
     "ONE_PIECE", "Payloads", "SizedReply", "pipelined", "staged_in_transaction", "staged_then_run",
@@ -409,7 +413,7 @@ def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern:
     a list, no sizes): on a plain socket (:func:`supports`) sent and parsed here with hiredis (redis-py's
     ``Pipeline`` object costs 35-50 us per call on top), else through redis-py. The SORT's error is
     returned, the others' are raised."""
-    if supports(client):
+    if hiredis is not None and supports(client):
         commands = [("EVALSHA", sha, 1, *script_args), ("SORT", xfer, "BY", "nosort", "GET", pattern),
                     ("DEL", xfer)]  # fmt: skip
         script_reply, payloads, deleted = _exchange(client, functools.partial(_pipeline, commands))
@@ -436,7 +440,10 @@ def _read_replies(sock: socket.socket, count: int) -> list[Any]:
     reader = hiredis.Reader()
     replies: list[Any] = []
     while len(replies) < count:
-        reply = reader.gets()
+        try:
+            reply = reader.gets()
+        except hiredis.ProtocolError as exc:  # (out of step: the connection is dropped)
+            raise redis.ConnectionError(f"unreadable reply from Redis: {exc}") from exc
         if reply is False:
             chunk = sock.recv(_CHUNK)
             if not chunk:

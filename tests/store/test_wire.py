@@ -235,3 +235,26 @@ def test_a_forked_child_gets_its_own_buffers(own_server: RedisServer) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     client.close()
+
+
+def test_without_hiredis_the_pipelined_read_goes_through_redis_py(
+    own_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = own_server.client()
+    store = BatchStore.open(client, make_config(batch_size=2, steps_per_epoch=2))
+    store.materialise(0, [(0, b"a"), (1, b"b")])
+    store._last_read["CLAIM"] = 0  # (as after a small read)
+    monkeypatch.setattr(wire, "hiredis", None)
+    monkeypatch.setattr(wire, "_read_replies", None)  # (never reached)
+    claimed = store.claim("c", 60, now=0)
+    assert claimed is not None and [r.payload for r in claimed.rows] == [b"a", b"b"]
+    client.close()
+
+
+def test_an_unreadable_reply_is_a_connection_error() -> None:
+    class Garbage:
+        def recv(self, _: int) -> bytes:
+            return b"?not resp\r\n"
+
+    with pytest.raises(redis.ConnectionError, match="unreadable reply"):
+        wire._read_replies(Garbage(), 1)  # type: ignore[arg-type]
