@@ -70,7 +70,8 @@ _CHUNK = 1 << 16
 _INLINE = 1 << 12  # arguments from this size are sent from their own buffer (see _frames)
 _IOV_MAX = 1000  # buffers per sendmsg (Linux takes 1024)
 _MSET_KEYS = 8  # keys per MSET of staged payloads: hiredis.pack_command slows down superlinearly with size
-_MSET_KEYS_SENT = 512  # the same when sent from the payloads' own buffers (no packing)
+_MSET_BYTES = 64 << 20  # payload bytes per MSET sent from the payloads' own buffers (Redis must hold one
+# whole command in its query buffer, 1 GiB at most by default)
 _STAGE_TTL = 3600  # seconds an uploaded payload waits for its script (dropped by it in any case)
 
 
@@ -483,9 +484,17 @@ def staged_in_transaction(
     TTL and the script is loaded and run at once. The script gets one more ARGV, last: ``'1'`` when the
     stages carry a TTL (it drops it on adoption), else ``'0'``."""
     if supports(client):
-        pairs = [v for pair in zip(names, payloads) for v in pair]
-        step = 2 * _MSET_KEYS_SENT
-        uploads = [("MSET", *pairs[i : i + step]) for i in range(0, len(pairs), step)]
+        uploads: list[tuple[Any, ...]] = []
+        args: list[Any] = []
+        size = 0
+        for name, payload in zip(names, payloads):
+            if args and size + len(payload) > _MSET_BYTES:
+                uploads.append(("MSET", *args))
+                args, size = [], 0
+            args += (name, payload)
+            size += len(payload)
+        if args:
+            uploads.append(("MSET", *args))
         script_call = ("EVALSHA", script.sha, 1, meta_key, *argv, "0")
         *results, reply = _exchange(client, functools.partial(_upload, [*uploads, script_call]))
     else:

@@ -64,6 +64,20 @@ def test_more_buffers_than_one_sendmsg_takes(
     client.close()
 
 
+def test_big_uploads_are_split_into_several_msets(
+    own_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wire, "_MSET_BYTES", 3 * 10_000)  # (three payloads per MSET)
+    sent = _spy_sends(monkeypatch)
+    client = own_server.client()
+    store = BatchStore.open(client, make_config(batch_size=8, steps_per_epoch=2))
+    payloads = [bytes([i]) * 10_000 for i in range(8)]
+    store.materialise(0, list(enumerate(payloads)))
+    assert b"".join(sent[0]).count(b"MSET") == 3
+    assert [client.get(store.keys.payload(f"0:{i}:0:-")) for i in range(8)] == payloads
+    client.close()
+
+
 def test_a_refused_upload_raises_and_leaves_the_connection_in_step(own_server: RedisServer) -> None:
     client = own_server.client(max_connections=1)
     store = BatchStore.open(client, make_config(batch_size=2, steps_per_epoch=2))
