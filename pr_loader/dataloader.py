@@ -5,11 +5,11 @@ itself. For a map-style dataset and ``linked=False`` it yields exactly what torc
 dtypes, containers, order, and the random numbers it draws): each epoch's plan is drawn from torch's own
 sampler objects (:mod:`pr_loader.plan`) and stored in Redis; steps are materialised lazily
 (``dataset[i]`` -> codec -> Redis), claimed, decoded and collated with the user's ``collate_fn``. Background
-threads work ahead: with ``FixedBatch`` step k + 1 is claimed, decoded and collated and k + 2 materialised
-while the caller works on step k (an error of a later step is raised at that step's turn); with
-a postponing policy only step k + 1 is materialised ahead (its rows are final only when it is claimed, so rows
-postponed into it while the caller works still arrive there). With the in-process fakeredis store
-everything runs inline (its Lua runtime is not thread-safe).
+threads work ahead: with ``FixedBatch`` steps k + 1 and k + 2 are claimed, k + 1 is decoded and collated
+and k + 3 materialised while the caller works on step k (an error of a later step is raised at that step's
+turn); with a postponing policy only step k + 1 is materialised ahead (its rows are final only when it is
+claimed, so rows postponed into it while the caller works still arrive there). With the in-process fakeredis
+store everything runs inline (its Lua runtime is not thread-safe).
 
 Commit points: a step is committed when the next one is requested (``next()``, the end of the epoch, or a
 new ``iter()`` of the same loader), or when :meth:`DataLoader.state_dict` is called. ``next()`` sends that
@@ -28,6 +28,7 @@ reorder buffer) and commits them.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -74,6 +75,8 @@ def _stop_workers(iterator: object) -> None:
 
 
 _END = object()
+_Pools = tuple[ThreadPoolExecutor, ThreadPoolExecutor, ThreadPoolExecutor, ThreadPoolExecutor]
+CLAIMS_AHEAD = 2  # steps claimed ahead of the one handed out, with FixedBatch (see _claimed_ahead)
 
 
 class _LoaderIter:
@@ -92,17 +95,14 @@ class _LoaderIter:
         self.done = False
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
         threaded = not source.in_process()
-        # One thread claims and builds; one materialises ahead (encoding + writes); one commits. Measured on
-        # a couple of cores, a claim overlapping the build of another step (two steps ahead) gained nothing:
-        # decoding, collating and parsing replies all hold the GIL, and the Redis server needs a core of its
-        # own. A commit does gain from a thread of its own when it is sent right after the next claim's
-        # read (see commit_pending). The threads are the loader's, kept from epoch to epoch.
+        # One thread claims, one builds (decode + collate), one materialises ahead (encoding + writes), one
+        # commits: see _claimed_ahead and commit_pending for what each gains (measured). The threads are the
+        # loader's, kept from epoch to epoch.
         self.pools: list[ThreadPoolExecutor | None] = (
-            [*loader._thread_pools()] if threaded else [None, None, None]
+            [*loader._thread_pools()] if threaded else [None, None, None, None]
         )
-        self.pool, writer, self.commit_pool = self.pools
+        self.pool, writer, self.commit_pool, self.build_pool = self.pools
         self.background = Background(self.pool)
-        self.claimer = Background(self.pool)
         self.materialiser = Background(writer)
         self.committer = Background(self.pool)
         self.deferred: DeferredCommit | None = None  # the due commit, for the next claim ahead to send
@@ -135,26 +135,33 @@ class _LoaderIter:
         return self.loader._pin(item)
 
     def _claimed_ahead(self) -> Iterator[tuple[int, Any]]:
-        """FixedBatch, a pipeline: while the caller works on step k, a background thread claims step k + 1,
-        hands the commit of k - 1 to the commit thread and decodes and collates k + 1; another one
-        materialises step k + 2. A step is handed out as soon as it is built, the first of an epoch too. The
-        work ahead of a step is started by ``__next__`` only once the step is handed out (``self.ahead``): a
-        thread woken earlier would take the GIL from the hand-out. A claim waits (in its thread) for the
-        materialisation it needs. Claims and builds always run on this one thread, even for a caller faster
-        than the pipeline: running a claim the thread had not picked up yet on the caller instead cost 9-10%
-        per epoch (measured side by side, 25 KiB and 1 MiB rows; likely cause: batches then come from the
-        malloc arenas of alternating threads, which give pages back and fault them in again)."""
-        claims, claimer = self.source.claim_steps(self.epoch), self.claimer
+        """FixedBatch, a pipeline ``CLAIMS_AHEAD`` (2) steps deep: while the caller works on step k, the claim
+        thread claims step k + 2 (and then hands the commit that is due to the commit thread), the build
+        thread decodes and collates step k + 1, and the writer materialises step k + 3. A step is handed out
+        as soon as it is built, the first of an epoch too. The work ahead of a step is started by
+        ``__next__`` only once the step is handed out (``self.ahead``): a thread woken earlier would take the
+        GIL from the hand-out. A claim waits (in its thread) for the materialisation it needs.
+
+        Two claims ahead: a claim holds the GIL only to send and to parse its reply's head (the payloads
+        arrive in one ``recv``), so the build of one step overlaps the claim of the next (docs/architecture.md
+        has the numbers). Each stage keeps its one thread, even for a caller faster than the pipeline
+        (claiming on the caller instead cost 9-10% per epoch, measured)."""
+        claims = self.source.claim_steps(self.epoch)
+        pending: collections.deque[Background] = collections.deque()
 
         def ahead(step: int) -> None:
             # (a commit handed to two claims is sent by the first one)
-            claimer.start(self._claim_and_build, claims, self.materialiser.future, self.deferred)
-            if step >= 0 and self.in_epoch(step + 2):  # (a requeued old step has nothing ahead to write)
-                self.materialiser.start(self._materialise_ahead, step + 2)
+            claim = Background(self.pool)
+            claim.start(self._claim_and_build, claims, self.materialiser.future, self.deferred)
+            pending.append(claim)
+            later = step + CLAIMS_AHEAD + 1
+            if step >= 0 and self.in_epoch(later):  # (a requeued old step has nothing ahead to write)
+                self.materialiser.start(self._materialise_ahead, later)
 
-        ahead(-1)
+        for _ in range(CLAIMS_AHEAD):
+            ahead(-1)
         while True:
-            claimed, built = claimer.wait()
+            claimed, built = pending.popleft().wait()
             if claimed is _END:
                 return
             try:
@@ -175,8 +182,8 @@ class _LoaderIter:
         commit: DeferredCommit | None,
     ) -> tuple[Any, Background]:
         """Claim the next step once ``written`` (the materialisation it needs) is done, then send ``commit``
-        (the step handed out before) and build the claimed step (an error of the build is kept for the step's
-        turn)."""
+        (the step handed out before) and start the build of the claimed step on the build thread (an error
+        of the build is kept for the step's turn)."""
         try:
             if written is not None:
                 written.result()  # (_materialise_ahead never fails: a claim that needs the step writes it)
@@ -184,7 +191,7 @@ class _LoaderIter:
         finally:
             if commit is not None:
                 commit.send()
-        built = Background(None)
+        built = Background(self.build_pool)
         if claimed is not _END:
             built.start(self._build, claimed)
         return claimed, built
@@ -450,7 +457,7 @@ class DataLoader(tud.DataLoader[Any]):
         self._workers: tud.DataLoader[Any] | None = None
         self._started = False
         self._known_committed = -1  # the highest step this loader committed, checkpointed or restored
-        self._pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._pools: _Pools | None = None
         self._pools_pid = 0  # the process that made them: a forked child has none of their threads
 
     # ------------------------------------------------------------------ iteration
@@ -463,8 +470,8 @@ class DataLoader(tud.DataLoader[Any]):
         self._active = _LoaderIter(self)
         return self._active
 
-    def _thread_pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor, ThreadPoolExecutor]:
-        """The background threads of the iterators (claim, build and commit; materialise ahead), one each,
+    def _thread_pools(self) -> _Pools:
+        """The background threads of the iterators (claim; materialise ahead; commit; build), one each,
         made on first use and kept until :meth:`close`: threads made afresh every epoch cost its first steps
         up to 10% more (measured: thread start, and a new malloc arena whose pages fault in again). A forked
         child makes its own: it inherits the pools but not their threads."""
@@ -473,6 +480,7 @@ class DataLoader(tud.DataLoader[Any]):
                 ThreadPoolExecutor(1, thread_name_prefix="pr_loader-ahead"),
                 ThreadPoolExecutor(1, thread_name_prefix="pr_loader-write"),
                 ThreadPoolExecutor(1, thread_name_prefix="pr_loader-commit"),
+                ThreadPoolExecutor(1, thread_name_prefix="pr_loader-build"),
             )
             self._pools_pid = os.getpid()
         return self._pools

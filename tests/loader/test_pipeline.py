@@ -17,7 +17,7 @@ from pr_loader.server import FAKE_URL
 from tests.loader.conftest import assert_same_epochs
 from tests.servers import RedisServer
 
-POOL_THREADS = ("pr_loader-ahead", "pr_loader-write", "pr_loader-commit")
+POOL_THREADS = ("pr_loader-ahead", "pr_loader-write", "pr_loader-commit", "pr_loader-build")
 DATA: Any = [{"x": torch.arange(4) + 10 * i, "y": torch.full((2, 3), float(i)), "i": i} for i in range(24)]
 B = 4
 
@@ -49,9 +49,9 @@ def test_commit_is_sent_in_the_background_and_its_error_raised_later(redis_serve
     next(it)  # step 2
     store = loader.source.shard().store
     deadline = time.monotonic() + 10
-    while loader.source.inflight_mine() != [2, 3] and time.monotonic() < deadline:
-        time.sleep(0.01)  # the claim ahead is done: it cannot take step 2 back
-    assert loader.source.inflight_mine() == [2, 3]  # one step claimed ahead of the one handed out
+    while loader.source.inflight_mine() != [2, 3, 4] and time.monotonic() < deadline:
+        time.sleep(0.01)  # the claims ahead are done: they cannot take step 2 back
+    assert loader.source.inflight_mine() == [2, 3, 4]  # prl.CLAIMS_AHEAD steps ahead of the one handed out
     store.renew(2, "c", 1e-3, now=time.time() - 3600)  # step 2's lease runs out ...
     taken = store.claim("d", 60)  # ... and another consumer takes it over (in one atomic claim)
     assert taken is not None and taken.step == 2
