@@ -4,6 +4,7 @@ values, dtypes, strides and containers, the same errors, and tensors in fresh me
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data._utils.collate import default_collate_fn_map
 
+import pr_loader.collate as pr_collate
 from pr_loader import codec
 from pr_loader.collate import collate_raw, materialise
 from tests.test_codec import TORCH_DTYPES, object_array, random_tensor
@@ -171,6 +173,45 @@ def test_fast_path_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_big_rows(dtype: torch.dtype, nbytes: int) -> None:
     shape = (nbytes // dtype.itemsize,)
     assert check([{"big": random_tensor(dtype, shape, i), "i": i} for i in range(4)])[0]
+
+
+@pytest.mark.parametrize(
+    ("rows", "row_shape", "advised"),
+    [
+        (64, (1 << 14,), True),  # 8 MiB of 128 KiB rows: the one-copy join
+        (8, (1 << 17,), True),  # 8 MiB of 1 MiB rows: torch.stack into our tensor
+        (31, (1 << 14,), False),  # just below 4 MiB
+        (3, (1 << 17,), False),
+    ],
+    ids=["join", "stack", "join-small", "stack-small"],
+)
+def test_big_batches_are_advised_onto_huge_pages(
+    monkeypatch: pytest.MonkeyPatch, rows: int, row_shape: tuple[int, ...], advised: bool
+) -> None:
+    """A batch tensor of 4 MiB or more gets madvise(MADV_HUGEPAGE) over the whole pages inside it; smaller
+    ones get no advice. Results stay default_collate's (check())."""
+    if pr_collate._madvise is None or pr_collate._MADV_HUGEPAGE is None:
+        pytest.skip("madvise(MADV_HUGEPAGE) is Linux only")
+    calls: list[tuple[int, int, int]] = []
+    real = pr_collate._madvise
+
+    def spy(start: int, length: int, advice: int) -> int:
+        calls.append((start, length, advice))
+        return int(real(start, length, advice))
+
+    monkeypatch.setattr(pr_collate, "_madvise", spy)
+    ok, batch = check([{"t": torch.full(row_shape, i, dtype=torch.int64)} for i in range(rows)])
+    assert ok
+    tensor = batch["t"]
+    if not advised:
+        assert calls == []
+        return
+    ((start, length, advice),) = calls
+    page = mmap.PAGESIZE
+    first, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+    assert advice == mmap.MADV_HUGEPAGE
+    assert start % page == 0 and length % page == 0
+    assert first <= start < first + page and end - page < start + length <= end
 
 
 def test_non_contiguous_sources() -> None:
