@@ -169,11 +169,13 @@ class _LoaderIter:
             except BaseException:
                 ahead(claimed.step)
                 raise
+            step = claimed.step
+            del claimed  # (its rows hold a receive buffer: free for the next claim once the batch is built)
             if isinstance(item, EmptyStep):
-                ahead(claimed.step)
+                ahead(step)
                 continue
-            self.ahead = functools.partial(ahead, claimed.step)
-            yield claimed.step, item
+            self.ahead = functools.partial(ahead, step)
+            yield step, item
 
     def _claim_and_build(
         self,
