@@ -81,9 +81,10 @@ def materialise(obj: Any, copy: bool = True) -> Any:
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty``, advised onto transparent huge pages (``madvise(MADV_HUGEPAGE)``, as numpy does for
-    its big arrays) when it is big. glibc gives a freed block this big back to the kernel, so every step's
-    batch tensor is faulted in afresh, 4 KiB at a time, and for 16 MiB that cost more than the copy into it:
-    3.4-6.1 ms filled as it is, 1.5-2.1 ms advised (measured on this project's 2-core VM). Advice only: where
+    its big arrays) when it is big. glibc gives a freed block above its mmap threshold (which adapts, up to
+    32 MiB) back to the kernel, so such a batch tensor is faulted in afresh every step, 4 KiB at a time, at
+    a cost above that of the copy into it: filling a 64 MiB batch took 25.7-26.7 ms as it is, 6.1-6.2 ms
+    advised (16 MiB: 3.4-6.1 against 1.5-2.1 ms; measured on this project's 2-core VM). Advice only: where
     the kernel has no huge pages for it (THP off, not Linux) nothing changes."""
     out = torch.empty(shape, dtype=dtype)
     nbytes = out.nbytes

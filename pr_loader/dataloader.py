@@ -95,9 +95,8 @@ class _LoaderIter:
         self.done = False
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
         threaded = not source.in_process()
-        # One thread claims, one builds (decode + collate), one materialises ahead (encoding + writes), one
-        # commits: see _claimed_ahead and commit_pending for what each gains (measured). The threads are the
-        # loader's, kept from epoch to epoch.
+        # Threads (the loader's, kept from epoch to epoch): claim, materialise ahead, commit, build (decode +
+        # collate); see _claimed_ahead and commit_pending for what each gains (measured).
         self.pools: list[ThreadPoolExecutor | None] = (
             [*loader._thread_pools()] if threaded else [None, None, None, None]
         )
