@@ -39,7 +39,7 @@ from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_
 
 from pr_loader.codec import NeedsTensor, RawTensor
 
-__all__ = ["collate_raw", "materialise"]
+__all__ = ["collate_raw", "materialise", "stack_raw"]
 
 CollateFnMap = dict[type | tuple[type, ...], Callable[..., Any]]
 Handlers = tuple[tuple[type | tuple[type, ...], Callable[..., Any]], ...]
@@ -96,7 +96,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _stack(batch: list[RawTensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def stack_raw(batch: list[RawTensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """``torch.stack`` of the rows' tensors: each row's bytes copied once, straight from its payload, into a
     ``torch.empty`` tensor, so that the result is ``torch.stack``'s in every respect (torch's own aligned,
     resizable storage: a bytearray's, or one numpy has seen, can never grow). The copy goes through a ctypes
@@ -121,7 +121,7 @@ def _collate_raw_column(batch: list[Any], *, collate_fn_map: CollateFnMap | None
         and all(type(row) is RawTensor and row.dtype is dtype and row.shape == shape for row in batch)
     )
     if uniform and first.data.nbytes < _STACK_ROW:
-        return _stack(batch, dtype, shape)
+        return stack_raw(batch, dtype, shape)
     views = [row.tensor(copy=False) if type(row) is RawTensor else row for row in batch]
     if uniform:  # (what collate_tensor_fn does in the main process, into a tensor of ours)
         return torch.stack(views, 0, out=_empty((len(batch), *shape), dtype))

@@ -246,7 +246,8 @@ class LinkedDataProto(DataProto):
         out = []
         for row in stored:
             try:
-                sample = codec.decode(row.buffer, allow_pickle=session.allow_pickle)
+                # (tensors stay RawTensor records until rows_to_dataproto stacks each column with one copy)
+                sample = codec.decode_raw_tensors(row.buffer, allow_pickle=session.allow_pickle)
             except CodecError as exc:
                 reason = f"undecodable payload: {exc}"
             else:
@@ -275,7 +276,7 @@ class LinkedDataProto(DataProto):
             new_rows.append(row)
         if new_rows:
             old_rows = [dataproto_row(self, i) for i in range(len(self))]
-            merged = rows_to_dataproto(DataProto, old_rows + new_rows)
+            merged = rows_to_dataproto(DataProto, old_rows + new_rows, raw_tensors=True)
             self.batch, self.non_tensor_batch = merged.batch, merged.non_tensor_batch
         self._next_loaded = False
         return new_rows
@@ -383,7 +384,7 @@ class LinkedDataProto(DataProto):
                     break
                 session.ensure_materialised(result.needs_materialise)
             logger.info("step %d: prefetched %d of %d rows", self.step, len(new_rows), decided)
-        fresh = rows_to_dataproto(DataProto, new_rows)
+        fresh = rows_to_dataproto(DataProto, new_rows, raw_tensors=True)
         return self._derive(fresh.batch, fresh.non_tensor_batch, {})
 
     def postpone_samples(self, samples: DataProto) -> bool:

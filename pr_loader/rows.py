@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from pr_loader.codec import RawTensor
+from pr_loader.collate import materialise, stack_raw
 from pr_loader.errors import DataProtoError
 from pr_loader.protocol import DataProto
 from pr_loader.protocol_ops import NDArray, object_array
@@ -62,13 +64,32 @@ def _stackable(values: list[Any]) -> bool:
     )
 
 
+def _raw_column(values: list[Any]) -> torch.Tensor | None:
+    """A column of :class:`~pr_loader.codec.RawTensor` records of one dtype and shape (rows decoded by
+    ``codec.decode_raw_tensors``), stacked with one copy straight from the payloads; None for any other
+    column. The tensor is the one ``torch.stack`` of the decoded tensors gives."""
+    first = values[0] if values else None
+    if type(first) is not RawTensor or not first.data.nbytes:
+        return None
+    dtype, shape = first.dtype, first.shape
+    if all(type(v) is RawTensor and v.dtype is dtype and v.shape == shape for v in values):
+        return stack_raw(values, dtype, shape)
+    return None
+
+
 def rows_to_dataproto(
-    cls: type[D], rows: Sequence[Mapping[str, Any]], *, meta_info: Mapping[str, Any] | None = None
+    cls: type[D],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    meta_info: Mapping[str, Any] | None = None,
+    raw_tensors: bool = False,
 ) -> D:
     """Assemble ``rows`` (one dict per row, keys are ``str``) into an instance of ``cls``.
 
     Keys keep their first-appearance order. Tensors are stacked (copied); other values are stored as they
-    are (not copied). ``meta_info`` is copied shallowly.
+    are (not copied). ``meta_info`` is copied shallowly. ``raw_tensors`` (internal): rows may hold the
+    ``RawTensor`` records of ``codec.decode_raw_tensors``; a column of them is stacked with one copy, and in
+    any other column they become tensors, at any depth.
     """
     keys: dict[str, None] = {}
     for position, row in enumerate(rows):
@@ -82,6 +103,12 @@ def rows_to_dataproto(
     columns: dict[str, NDArray] = {}
     for key in keys:
         values = [row.get(key, _MISSING) for row in rows]
+        if raw_tensors:
+            stacked = _raw_column(values)
+            if stacked is not None:
+                tensors[key] = stacked
+                continue
+            values = [materialise(value) for value in values]
         if _stackable(values):
             tensors[key] = torch.stack(values)
         else:

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from pr_loader import codec
+from pr_loader.codec import RawTensor
 from pr_loader.errors import DataProtoError
 from pr_loader.protocol import DataProto
 from pr_loader.rows import RESERVED_FIELDS, dataproto_row, rows_to_dataproto
@@ -141,3 +143,91 @@ def test_row_index_checked(bad: Any) -> None:
     dp = rows_to_dataproto(DataProto, [{"a": 1}, {"a": 2}, {"a": 3}])
     with pytest.raises(DataProtoError, match="out of range"):
         dataproto_row(dp, bad)
+
+
+# --- rows decoded with codec.decode_raw_tensors (the loader's linked views) -------------------------------
+
+
+def _walk(obj: Any) -> list[Any]:
+    """Every value inside ``obj`` (containers and object arrays opened)."""
+    out = [obj]
+    if isinstance(obj, dict):
+        for value in obj.values():
+            out += _walk(value)
+    elif isinstance(obj, list | tuple) or (isinstance(obj, np.ndarray) and obj.dtype == object):
+        for item in obj:
+            out += _walk(item)
+    return out
+
+
+def _same(got: DataProto, want: DataProto) -> None:
+    assert (got.batch is None) == (want.batch is None)
+    if want.batch is not None:
+        assert got.batch is not None and list(got.batch.keys()) == list(want.batch.keys())
+        for key, w in want.batch.items():
+            g = got.batch[key]
+            assert (g.dtype, g.shape, g.stride(), g.is_contiguous()) == (w.dtype, w.shape, w.stride(), True)
+            assert g.untyped_storage().resizable() == w.untyped_storage().resizable()
+            assert torch.equal(g, w)
+    assert list(got.non_tensor_batch) == list(want.non_tensor_batch)
+    for key, w_col in want.non_tensor_batch.items():
+        g_col = got.non_tensor_batch[key]
+        assert g_col.shape == w_col.shape
+        for g_val, w_val in zip(_walk(g_col.tolist()), _walk(w_col.tolist()), strict=True):
+            assert type(g_val) is type(w_val)
+            if isinstance(w_val, torch.Tensor):
+                assert g_val.dtype == w_val.dtype and torch.equal(g_val, w_val)
+
+
+def _rl_rows() -> list[dict[str, Any]]:
+    return [
+        {"ids": torch.arange(1024) + i, "mask": torch.ones(1024, dtype=torch.int64), "text": f"p{i}", "n": i}
+        for i in range(16)
+    ]
+
+
+def _ragged_rows() -> list[dict[str, Any]]:
+    dtypes = (torch.float32, torch.float16, torch.float16)
+    return [{"ids": torch.arange(3 + i), "x": torch.zeros(2, dtype=dtypes[i])} for i in range(3)]
+
+
+def _nested_rows() -> list[dict[str, Any]]:
+    return [
+        {"t": torch.ones(4)},
+        {"t": torch.ones(4), "extra": torch.zeros(2)},
+        {"u": [torch.ones(1), {"k": torch.ones(2)}]},
+    ]
+
+
+RAW_ROWS = [
+    pytest.param(_rl_rows(), id="rl-rows"),
+    pytest.param(_ragged_rows(), id="ragged-and-mixed-dtypes"),
+    pytest.param(_nested_rows(), id="missing-keys-and-nested-tensors"),
+    pytest.param([{"e": torch.empty(0, 3)} for _ in range(4)], id="zero-size"),
+    pytest.param([{"s": torch.tensor(float(i))} for i in range(5)], id="scalars"),
+]
+
+
+@pytest.mark.parametrize("rows", RAW_ROWS)
+def test_raw_tensor_rows_assemble_like_decoded_rows(rows: list[dict[str, Any]]) -> None:
+    """Rows decoded to RawTensor records assemble into exactly what the same rows decoded to tensors give;
+    no RawTensor is left anywhere, and no tensor shares memory with the payloads."""
+    payloads = [codec.encode(row) for row in rows]
+    want = rows_to_dataproto(DataProto, [codec.decode(p) for p in payloads])
+    raw = [codec.decode_raw_tensors(p) for p in payloads]
+    assert any(type(v) is RawTensor for row in raw for v in _walk(row))  # (the records are really there)
+    got = rows_to_dataproto(DataProto, raw, raw_tensors=True)
+    _same(got, want)
+    values = _walk(got.non_tensor_batch) + ([] if got.batch is None else list(got.batch.values()))
+    assert not any(type(v) is RawTensor for v in values)
+    spans = [(np.frombuffer(p, np.uint8).ctypes.data, len(p)) for p in payloads]
+    for t in (v for v in values if isinstance(v, torch.Tensor) and v.numel()):
+        assert not any(start <= t.untyped_storage().data_ptr() < start + n for start, n in spans)
+
+
+def test_raw_tensor_rows_beside_tensor_rows() -> None:
+    """A column mixing RawTensor records (rows just read) and tensors (rows already in a view) stacks as the
+    tensors alone would (what prefetch_samples does)."""
+    rows = [{"ids": torch.arange(4) + i, "text": str(i)} for i in range(6)]
+    raw = [codec.decode_raw_tensors(codec.encode(row)) for row in rows[3:]]
+    _same(rows_to_dataproto(DataProto, rows[:3] + raw, raw_tensors=True), rows_to_dataproto(DataProto, rows))
