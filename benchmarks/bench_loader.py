@@ -8,6 +8,7 @@ free port in a temp dir (never 6379) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 
 T_START = time.time()  # for the resume child: the process started just before this line
 
+import numpy as np  # noqa: E402
 import redis  # noqa: E402
 import torch  # noqa: E402
 import torch.utils.data as tud  # noqa: E402
@@ -31,6 +33,7 @@ import torch.utils.data as tud  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from pr_loader import codec  # noqa: E402
 from pr_loader.dataloader import DataLoader  # noqa: E402
+from pr_loader.policy import PostponeToNext  # noqa: E402
 
 T_IMPORTED = time.time()
 
@@ -177,6 +180,42 @@ def bench_prefetch(
         f"(a) wait for next batch, p50 (consumer works 20 ms/step; {how})": ms(statistics.median(waits)),
         f"(a) wait for next batch, p90 ({how})": ms(waits[int(len(waits) * 0.9)]),
         f"(a) batches identical to torch.utils.data.DataLoader ({how})": "yes" if identical else "NO",
+    }
+
+
+def bench_prefetch_partial(url: str, data: list[dict[str, Any]], epochs: int) -> dict[str, str]:
+    """(a) with a postponing policy (``PostponeToNext``, linked views), the partial-rollout case: every step
+    postpones 8 rows with a partial output into the next one, then the consumer works 20 ms. Such a step is
+    claimed only when asked for (rows postponed into it until then must arrive there), so the wait holds the
+    claim and the building of the view; only the step's materialisation happens ahead."""
+    loader = DataLoader(
+        data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(2), redis_url=url,
+        linked=True, policy=PostponeToNext(),
+    )  # fmt: skip
+    for _ in range(epochs):
+        materialise_next_epoch(loader)
+    waits: list[float] = []
+    for _ in range(epochs):
+        it = iter(loader)
+        for k in itertools.count():
+            t0 = time.perf_counter()
+            view = next(it, None)
+            if view is None:
+                break
+            if k > 0:
+                waits.append(time.perf_counter() - t0)
+            unfinished = view.select_idxs(list(range(min(8, len(view)))))
+            partial = np.array(["..."] * len(unfinished), dtype=object)
+            unfinished.non_tensor_batch["partial_response"] = partial
+            view.postpone_samples(unfinished)
+            time.sleep(0.02)
+            del view, unfinished
+    loader.close()
+    waits.sort()
+    how = "PostponeToNext, linked views, 8 rows postponed per step"
+    return {
+        f"(a) wait for next batch, p50 (consumer works 20 ms/step; {how})": ms(statistics.median(waits)),
+        f"(a) wait for next batch, p90 ({how})": ms(waits[int(len(waits) * 0.9)]),
     }
 
 
@@ -381,6 +420,7 @@ def main() -> None:
         rows.update(bench_prefetch(url, data, epochs, materialised=True))
         rows.update(bench_prefetch(url, data, epochs, materialised=False))
         rows.update(bench_prefetch(url, data, epochs, materialised=True, busy=True))
+        rows.update(bench_prefetch_partial(url, data, epochs))
         rows.update(bench_data_path(url, data, epochs))
         rows.update(bench_big(url, epochs))
         rows.update(bench_resume(url, [0.5] if args.quick else [0.1, 0.5, 0.9]))
