@@ -22,7 +22,7 @@ import random
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ from pr_loader.errors import (
 from pr_loader.plan import EpochPlanner, PlanStore
 from pr_loader.policy import FixedBatch, Policy, get_policy
 from pr_loader.server import open_client
-from pr_loader.store import BatchStore, ClaimedStep, RunConfig
+from pr_loader.store import BatchStore, ClaimedStep, RunConfig, StoredRow
 from pr_loader.store.connection import Client, DurabilityMode, check_durability, wait_durable
 from pr_loader.store.keys import ShardKeys
 
@@ -454,8 +454,11 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             return
         store.expire_leases(now=now)
 
-    def claim_steps(self, epoch: int) -> Iterator[ClaimedStep]:
-        """Claim the steps of ``epoch`` (and requeued older ones) until the epoch is exhausted."""
+    def claim_steps(
+        self, epoch: int, known: Mapping[str, bytes | memoryview] | None = None
+    ) -> Iterator[ClaimedStep]:
+        """Claim the steps of ``epoch`` (and requeued older ones) until the epoch is exhausted; ``known``
+        (read at each claim): payloads already read, by ref (see :meth:`BatchStore.claim`)."""
         shard = self.shard()
         epoch_end = (epoch + 1) * self.steps_per_epoch
         last = -1
@@ -463,7 +466,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             if last == epoch_end - 1 and self._epoch_exhausted(epoch_end):
                 return  # a claim would take (and fetch the rows of) the next epoch's first step
             try:
-                claimed = shard.store.claim(self.consumer_id, self.lease_seconds)
+                claimed = shard.store.claim(self.consumer_id, self.lease_seconds, known=known)
             except NeedsMaterialisation as need:
                 if need.step >= epoch_end:
                     return
@@ -504,18 +507,35 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             allow_pickle=self.allow_pickle,
         )
 
-    def decode(self, claimed: ClaimedStep) -> list[Any]:
-        """The samples of a claimed step; an undecodable row is dead-lettered (kept in Redis with the
-        reason) and left out, like :class:`LinkedDataProto` does.
-
-        With torch's ``default_collate`` the tensors stay :class:`codec.RawTensor` records that
-        :meth:`collate` copies once per column; any other collate function gets private, writable tensors."""
-        samples = []
-        raw = self.auto_collation and self.collate_fn is tud.default_collate
+    def _decode_row(self, row: StoredRow) -> Any:
+        """One row's sample: tensors as :class:`codec.RawTensor` records for torch's ``default_collate``
+        (which :meth:`collate` copies once per column) and for linked views, else private tensors."""
+        raw = self.linked or (self.auto_collation and self.collate_fn is tud.default_collate)
         decode_row = codec.decode_raw_tensors if raw else codec.decode
-        for row in claimed.rows:
+        return decode_row(row.buffer, allow_pickle=self.allow_pickle)
+
+    def decode_ahead(self, rows: list[StoredRow]) -> dict[str, Any]:
+        """The samples of rows read before their step was claimed, by ref (undecodable rows are left out:
+        their step's build decodes them again, and dead-letters them)."""
+        out: dict[str, Any] = {}
+        for row in rows:
             try:
-                samples.append(decode_row(row.buffer, allow_pickle=self.allow_pickle))
+                out[row.ref_text] = self._decode_row(row)
+            except CodecError:
+                continue
+        return out
+
+    def decode(self, claimed: ClaimedStep, ahead: Mapping[str, Any] | None = None) -> list[Any]:
+        """The samples of a claimed step (those of ``ahead``, from :meth:`decode_ahead`, are taken from
+        there); an undecodable row is dead-lettered (kept in Redis with the reason) and left out, like
+        :class:`LinkedDataProto` does."""
+        samples = []
+        for row in claimed.rows:
+            if ahead and row.ref_text in ahead:
+                samples.append(ahead[row.ref_text])
+                continue
+            try:
+                samples.append(self._decode_row(row))
             except CodecError as exc:
                 logger.warning("step %d: dead-lettering row %s: %s", claimed.step, row.ref.encode(), exc)
                 self.shard().store.dead_letter(claimed.step, row.ref, f"undecodable payload: {exc}")
@@ -532,14 +552,15 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             raise StepStateError(f"a step without auto-collation must hold one sample, got {len(samples)}")
         return self.collate_fn(samples[0])
 
-    def build(self, claimed: ClaimedStep) -> Any:
+    def build(self, claimed: ClaimedStep, ahead: Mapping[str, Any] | None = None) -> Any:
         """What a claimed step yields: a bound view (``linked``), the collated batch, or :class:`EmptyStep`
-        when every row of a collated step was dead-lettered (the caller commits and skips it)."""
+        when every row of a collated step was dead-lettered (the caller commits and skips it). ``ahead``:
+        samples decoded before the claim (:meth:`decode_ahead`)."""
         if self.linked:
             from pr_loader.linked import LinkedDataProto
 
-            return LinkedDataProto.from_claim(claimed, self.session(claimed.step))
-        samples = self.decode(claimed)
+            return LinkedDataProto.from_claim(claimed, self.session(claimed.step), ahead)
+        samples = self.decode(claimed, ahead)
         return self.collate(samples) if samples else EmptyStep()
 
     def epoch_for_iteration(self) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -217,21 +217,26 @@ class LinkedDataProto(DataProto):
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_claim(cls, claimed: ClaimedStep, session: StepSession) -> LinkedDataProto:
+    def from_claim(
+        cls, claimed: ClaimedStep, session: StepSession, ahead: Mapping[str, Any] | None = None
+    ) -> LinkedDataProto:
         """The view of a claimed step: decodes every payload (an undecodable one, or one that is not a
-        dict, is dead-lettered and skipped), fills the reserved fields, binds ``session``."""
+        dict, is dead-lettered and skipped; ``ahead``: samples by ref, decoded with
+        ``codec.decode_raw_tensors`` before the claim), fills the reserved fields, binds ``session``."""
         if claimed.step != session.step:
             raise StepStateError(
                 f"claimed step {claimed.step} does not match the session's step {session.step}"
             )
         session.lease_expiry = claimed.lease_expiry
-        return cls._from_stored(claimed.rows, session)
+        return cls._from_stored(claimed.rows, session, ahead)
 
     @classmethod
-    def _from_stored(cls, stored: Iterable[StoredRow], session: StepSession) -> LinkedDataProto:
+    def _from_stored(
+        cls, stored: Iterable[StoredRow], session: StepSession, ahead: Mapping[str, Any] | None = None
+    ) -> LinkedDataProto:
         view = rows_to_dataproto(cls, [])
         view._bind(session)
-        view._add_rows(view._decode(stored))
+        view._add_rows(view._decode(stored, ahead))
         return view
 
     def _bind(self, session: StepSession) -> None:
@@ -241,13 +246,18 @@ class LinkedDataProto(DataProto):
         self.target_size = session.layout.batch_size
         self.policy = session.policy
 
-    def _decode(self, stored: Iterable[StoredRow]) -> list[tuple[RowRef, dict[str, Any]]]:
+    def _decode(
+        self, stored: Iterable[StoredRow], ahead: Mapping[str, Any] | None = None
+    ) -> list[tuple[RowRef, dict[str, Any]]]:
         session = self._require_session("decode")
         out = []
         for row in stored:
             try:
                 # (tensors stay RawTensor records until rows_to_dataproto stacks each column with one copy)
-                sample = codec.decode_raw_tensors(row.buffer, allow_pickle=session.allow_pickle)
+                if ahead and row.ref_text in ahead:
+                    sample = ahead[row.ref_text]
+                else:
+                    sample = codec.decode_raw_tensors(row.buffer, allow_pickle=session.allow_pickle)
             except CodecError as exc:
                 reason = f"undecodable payload: {exc}"
             else:

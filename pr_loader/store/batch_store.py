@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar, cast
 
 import msgpack
@@ -269,16 +269,18 @@ class BatchStore:
         raw_refs: list[bytes],
         held: tuple[int, str] | None = None,
         payloads: wire.Payloads | None = None,
+        known: Mapping[str, bytes | memoryview] | None = None,
     ) -> list[StoredRow]:
         """Rows of refs a script returned, with ``payloads`` already read or else read now by MGET
-        (payloads are immutable, so reading them after the script is safe).
+        (payloads are immutable, so reading them after the script is safe), except those in ``known``.
 
         A payload can only vanish meanwhile if the step stopped being ours (an expiry or rollback undid it):
         with ``held=(step, consumer)`` that is reported as LeaseLost.
         """
         refs = [r.decode() for r in raw_refs]
         if payloads is None or len(payloads) != len(refs):
-            names = [self._keys.payload(r) for r in refs]
+            known = known or {}
+            names = [self._keys.payload(r) for r in refs if r not in known]
 
             def read() -> list[bytes | memoryview | None]:
                 out: list[bytes | memoryview | None] = []
@@ -286,7 +288,8 @@ class BatchStore:
                     out += self._client.mget(names[i:i + _CHUNK])
                 return out
 
-            payloads = self._retrying(read) if names else []
+            fetched = iter(self._retrying(read) if names else [])
+            payloads = [known[r] if r in known else next(fetched) for r in refs]
         if None in payloads:
             ref = refs[payloads.index(None)]
             if held is not None and not self._holds(*held):
@@ -368,9 +371,19 @@ class BatchStore:
         return bool(reply[1])
 
     def claim(
-        self, consumer_id: str, lease_seconds: float, *, now: float | None = None, op_id: str | None = None
+        self,
+        consumer_id: str,
+        lease_seconds: float,
+        *,
+        now: float | None = None,
+        op_id: str | None = None,
+        known: Mapping[str, bytes | memoryview] | None = None,
     ) -> ClaimedStep | None:
         """Lease the next step: requeued steps first, else the cursor step. None when the run is finished.
+
+        ``known``: payloads the caller already read, by ref (e.g. of the step it expects next, read before
+        the claim: payloads are immutable, so an early read stays valid). The claim then returns its refs
+        alone and reads only the payloads of the other refs.
 
         Raises NeedsMaterialisation(step) if the cursor step has no batch yet, NoStepReady if only leased
         steps remain (they may still postpone rows or expire).
@@ -379,12 +392,17 @@ class BatchStore:
             raise ConfigError(f"lease_seconds must be > 0, got {lease_seconds!r}")
         now_ = self._now(now)
         expiry = now_ + float(lease_seconds)
-        reply, payloads = self._read_after("CLAIM", self._op(op_id), consumer_id, repr(now_), repr(expiry))
+        args = (self._op(op_id), consumer_id, repr(now_), repr(expiry))
+        if known:
+            reply, payloads = self._script("CLAIM", *args, "0"), None
+        else:
+            reply, payloads = self._read_after("CLAIM", *args)
         status = reply[0]
         if status == b"ok":
             self._log_expired(reply[3])
             step = int(reply[1])
-            return ClaimedStep(step, self._rows(reply[4], (step, consumer_id), payloads), float(reply[2]))
+            rows = self._rows(reply[4], (step, consumer_id), payloads, known)
+            return ClaimedStep(step, rows, float(reply[2]))
         if status == b"needs":
             self._log_expired(reply[2])
             raise NeedsMaterialisation(int(reply[1]))

@@ -84,3 +84,68 @@ def test_dataset_alone_yields_linked_views() -> None:
     views = list(dataset)
     assert [len(v) for v in views] == [6, 6, 6] and all(isinstance(v, LinkedDataProto) for v in views)
     assert dataset.position()[1] == 2
+
+
+def _partial_trace(loader: prl.DataLoader, ready: Any = None) -> list[tuple[int, list[str], list[Any]]]:
+    """Two epochs of a PostponeToNext loop: each step postpones its first two rows with a partial output
+    (once the next step was read ahead, if ``ready`` says when); per step: ids and partial outputs."""
+    trace = []
+    for _ in range(2):
+        for view in loader:
+            partial = view.non_tensor_batch.get("partial", np.full(len(view), None, dtype=object))
+            trace.append((view.step, view.sample_ids(), list(partial)))
+            movable = [i for i, t in enumerate(view.non_tensor_batch["prl_times_postponed"]) if t < 2][:2]
+            if ready is not None and (view.step + 1) % loader.source.steps_per_epoch:  # (read ahead)
+                assert ready.wait(10)
+                ready.clear()
+            rows = view.select_idxs(movable)
+            rows.non_tensor_batch["partial"] = np.array([f"from step {view.step}"] * len(rows), dtype=object)
+            view.postpone_samples(rows)
+    loader.close()
+    return trace
+
+
+def test_postponing_policy_reads_the_next_step_ahead(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the caller works on a step, its successor's rows are read and decoded ahead; its claim then
+    reads only rows that came later (postponed into it meanwhile), and the views are those of a loader that
+    reads nothing ahead (the in-process store runs inline and does not)."""
+    import threading
+
+    from pr_loader import loader_iter
+    from pr_loader.policy import PostponeToNext
+    from pr_loader.store import BatchStore
+
+    def make(url: str) -> prl.DataLoader:
+        return prl.DataLoader(
+            DATA, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(4), redis_url=url,
+            linked=True, policy=PostponeToNext(max_postpones=2), run_id=f"ahead-{uuid.uuid4().hex}",
+        )  # fmt: skip
+
+    ready = threading.Event()
+    read_ahead = loader_iter.LoaderIter._read_ahead
+    claim = BatchStore.claim
+    given: dict[int, int] = {}  # step -> rows whose payloads the claim was given
+
+    def spied_read_ahead(self: Any, step: int, payloads: Any, ahead: Any) -> None:
+        read_ahead(self, step, payloads, ahead)
+        ready.set()
+
+    def spied_claim(self: BatchStore, *args: Any, known: Any = None, **kwargs: Any) -> Any:
+        claimed = claim(self, *args, known=known, **kwargs)
+        if claimed is not None:
+            given[claimed.step] = sum(row.ref_text in (known or {}) for row in claimed.rows)
+        return claimed
+
+    monkeypatch.setattr(loader_iter.LoaderIter, "_read_ahead", spied_read_ahead)
+    monkeypatch.setattr(BatchStore, "claim", spied_claim)
+    with_ahead = _partial_trace(make(redis_server.url), ready)
+    # a step read ahead (not an epoch's first) was given every row but those postponed into it meanwhile
+    epoch_size = [5, 5, 5, 3]
+    for step, n in given.items():
+        first = step % 4 == 0
+        assert n == (0 if first else epoch_size[step % 4]), given
+    monkeypatch.undo()
+    assert with_ahead == _partial_trace(make(FAKE_URL))
+    assert any(partial for _, _, partial in with_ahead if any(p is not None for p in partial))

@@ -12,6 +12,7 @@ import torch
 import torch.utils.data as tud
 
 import pr_loader.dataloader as prl
+from pr_loader import loader_iter
 from pr_loader.errors import LeaseLost
 from pr_loader.server import FAKE_URL
 from tests.loader.conftest import assert_same_epochs
@@ -51,7 +52,7 @@ def test_commit_is_sent_in_the_background_and_its_error_raised_later(redis_serve
     deadline = time.monotonic() + 10
     while loader.source.inflight_mine() != [2, 3, 4] and time.monotonic() < deadline:
         time.sleep(0.01)  # the claims ahead are done: they cannot take step 2 back
-    assert loader.source.inflight_mine() == [2, 3, 4]  # prl.CLAIMS_AHEAD steps ahead of the one handed out
+    assert loader.source.inflight_mine() == [2, 3, 4]  # CLAIMS_AHEAD steps beyond the one handed out
     store.renew(2, "c", 1e-3, now=time.time() - 3600)  # step 2's lease runs out ...
     taken = store.claim("d", 60)  # ... and another consumer takes it over (in one atomic claim)
     assert taken is not None and taken.step == 2
@@ -178,13 +179,13 @@ def test_state_dict_does_not_wait_for_the_claim_that_carries_the_commit(
     """The commit of the step before is handed to the claim ahead; a state_dict() while that claim still
     waits (here: for a materialisation) sends the commit itself instead of waiting for the claim."""
     gate = threading.Event()
-    materialise_ahead = prl._LoaderIter._materialise_ahead
+    materialise_ahead = loader_iter.LoaderIter._materialise_ahead
 
-    def held(self: prl._LoaderIter, step: int) -> None:
+    def held(self: loader_iter.LoaderIter, step: int) -> None:
         gate.wait(30)
         materialise_ahead(self, step)
 
-    monkeypatch.setattr(prl._LoaderIter, "_materialise_ahead", held)
+    monkeypatch.setattr(loader_iter.LoaderIter, "_materialise_ahead", held)
     loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url)
     it = iter(loader)
     next(it), next(it)  # the claim ahead of step 2 carries step 0's commit and waits for step 2's writing

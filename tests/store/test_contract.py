@@ -135,6 +135,21 @@ def test_claim_in_step_order_with_payloads(store: BatchStore) -> None:
     assert store.claim("c", 10, now=1) is None
 
 
+def test_claim_reads_only_the_payloads_it_is_not_given(store: BatchStore) -> None:
+    """``known`` payloads (read before the claim: payloads are immutable) are taken as given, by ref; the
+    claim reads the others, here the row postponed into the step after its rows were read ahead."""
+    ahead = store.read_rows(1)
+    first = store.claim("c", 10, now=0)
+    assert first is not None and first.step == 0
+    [moved] = store.postpone(0, "c", [(first.rows[0].ref, b"partial")], 1, now=0)
+    known = {row.ref_text: b"given " + row.payload for row in ahead}
+    known["9:99:0:-"] = b"not in the step"  # (ignored)
+    second = store.claim("c", 10, now=0, known=known)
+    assert second is not None and second.step == 1
+    assert [r.ref_text for r in second.rows] == [moved.encode(), *(row.ref_text for row in ahead)]
+    assert [r.payload for r in second.rows] == [b"partial", *(b"given " + row.payload for row in ahead)]
+
+
 def test_a_rows_ref_is_parsed_when_used(store: BatchStore, client: redis.Redis) -> None:
     """Refs are parsed lazily (a collating loader never needs them): a damaged ref in Redis still delivers
     its payload, and raises StoreError only where the ref is used."""
