@@ -170,19 +170,21 @@ class LoaderIter:
         (:meth:`_read_ahead`); the claim reads only the payloads of rows that came since (postponed into
         it), and the build takes the others' samples as decoded."""
         payloads: dict[str, bytes | memoryview] = {}
-        ahead: dict[str, Any] = {}
+        samples: dict[str, Any] = {}
         for claimed in self.source.claim_steps(self.epoch, payloads):
-            item = self.source.build(claimed, ahead)
+            item = self.source.build(claimed, samples)
             payloads.clear()
-            ahead.clear()
+            samples.clear()
             if self.in_epoch(claimed.step + 1):
-                self.background.start(self._read_ahead, claimed.step + 1, payloads, ahead)
+                self.background.start(self._read_ahead, claimed.step + 1, payloads, samples)
             yield claimed.step, item
             self.background.wait()
 
-    def _read_ahead(self, step: int, payloads: dict[str, bytes | memoryview], ahead: dict[str, Any]) -> None:
+    def _read_ahead(
+        self, step: int, payloads: dict[str, bytes | memoryview], samples: dict[str, Any]
+    ) -> None:
         """Materialise ``step`` (its error is raised at the next ``next()``), then, best effort, read its
-        rows as they are now into ``payloads`` and their samples into ``ahead``, by ref: payloads are
+        rows as they are now into ``payloads`` and their samples into ``samples``, by ref: payloads are
         immutable, so a row still in the step when it is claimed needs no second read."""
         self.source.materialise(step)
         if self.pool is None:  # (run inline: nothing to overlap with)
@@ -193,7 +195,7 @@ class LoaderIter:
             logger.debug("reading step %d ahead failed; its claim reads it", step, exc_info=True)
             return
         payloads.update((row.ref_text, row.buffer) for row in rows)
-        ahead.update(self.source.decode_ahead(rows))
+        samples.update(self.source.decode_ahead(rows))
 
     def _from_workers(self) -> Iterator[tuple[int, Any]]:
         source, loader = self.source, self.loader
