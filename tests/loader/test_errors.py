@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import pr_loader.dataloader as prl
-from pr_loader.errors import CommittedStepsLost, DatasetError, RunConfigMismatch
+from pr_loader.errors import CommittedStepsLost, DatasetError, RunConfigMismatch, StoreError
+from pr_loader.policy import PostponeToNext
 from pr_loader.server import FAKE_URL
 from tests.servers import RedisServer
 
@@ -34,6 +35,13 @@ def test_corrupt_payload_is_dead_lettered_and_the_batch_goes_on() -> None:
     assert letter.ref == ref and "undecodable" in letter.reason
 
 
+def indices(batch: Any) -> list[int]:
+    """The "i" of a collated batch or of a linked view."""
+    if isinstance(batch, dict):
+        return [int(i) for i in batch["i"]]
+    return [int(i) for i in batch.non_tensor_batch["i"]]
+
+
 class Failing(torch.utils.data.Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return 12
@@ -44,14 +52,41 @@ class Failing(torch.utils.data.Dataset[dict[str, Any]]):
         return DATA[i]
 
 
+@pytest.mark.parametrize("policy", ["FixedBatch", "PostponeToNext"], ids=["claim-ahead", "read-ahead"])
 @pytest.mark.parametrize("threaded", [False, True])
-def test_dataset_error_names_the_index_at_its_turn(redis_server: RedisServer, threaded: bool) -> None:
+def test_dataset_error_names_the_index_at_its_turn(
+    redis_server: RedisServer, threaded: bool, policy: str
+) -> None:
     """Steps are read ahead, but the error of step 2 comes when step 2 is asked for, not earlier."""
     url = redis_server.url if threaded else FAKE_URL
-    it = iter(prl.DataLoader(Failing(), batch_size=4, redis_url=url))
-    assert [next(it)["i"].tolist() for _ in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    linked = policy != "FixedBatch"
+    it = iter(prl.DataLoader(Failing(), batch_size=4, redis_url=url, policy=policy, linked=linked))
+    assert [indices(next(it)) for _ in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(DatasetError, match="index 10"):
         next(it)
+
+
+def test_a_failed_read_ahead_only_costs_its_claim_the_reads(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a postponing policy the next step is read ahead, best effort: when that read fails, the claim
+    reads every payload itself and the batches are the same."""
+    from pr_loader.store import BatchStore
+
+    def loader() -> prl.DataLoader:
+        return prl.DataLoader(DATA, batch_size=3, redis_url=redis_server.url, policy=PostponeToNext(),
+                              linked=True, run_id=f"ahead-{uuid.uuid4().hex}")  # fmt: skip
+
+    reference = [indices(view) for view in loader()]
+    failed: list[int] = []
+
+    def broken(self: BatchStore, step: int) -> Any:
+        failed.append(step)
+        raise StoreError("read refused")
+
+    monkeypatch.setattr(BatchStore, "read_rows", broken)
+    assert [indices(view) for view in loader()] == reference
+    assert failed == [1, 2, 3]  # (every step after the first was read ahead, and failed)
 
 
 def test_reopen_with_other_dataset_content_is_refused() -> None:
