@@ -48,7 +48,7 @@ _ATOMS = frozenset({str, bytes, int, float, bool, type(None)})
 _STACK_ROW = 1 << 18  # from this row size torch.stack's multi-threaded copy beats one joining thread
 _HUGE_BATCH = 4 << 20  # from this size a batch tensor is advised onto transparent huge pages (see _empty)
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
-_madvise = ctypes.CDLL(None, use_errno=True).madvise if sys.platform == "linux" else None
+_madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None) if sys.platform == "linux" else None
 if _madvise is not None:
     _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
