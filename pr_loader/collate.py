@@ -39,7 +39,7 @@ from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_
 
 from pr_loader.codec import NeedsTensor, RawTensor
 
-__all__ = ["collate_raw", "materialise", "stack_raw"]
+__all__ = ["collate_raw", "materialise", "stack_raw", "uniform_raw"]
 
 CollateFnMap = dict[type | tuple[type, ...], Callable[..., Any]]
 Handlers = tuple[tuple[type | tuple[type, ...], Callable[..., Any]], ...]
@@ -96,6 +96,16 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def uniform_raw(values: list[Any]) -> bool:
+    """Whether ``values`` are RawTensor records of one dtype and one non-empty shape (a column
+    :func:`stack_raw` takes)."""
+    first = values[0] if values else None
+    if type(first) is not RawTensor or not first.data.nbytes:
+        return False
+    dtype, shape = first.dtype, first.shape
+    return all(type(v) is RawTensor and v.dtype is dtype and v.shape == shape for v in values)
+
+
 def stack_raw(batch: list[RawTensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """``torch.stack`` of the rows' tensors: each row's bytes copied once, straight from its payload, into a
     ``torch.empty`` tensor, so that the result is ``torch.stack``'s in every respect (torch's own aligned,
@@ -115,11 +125,7 @@ def _collate_raw_column(batch: list[Any], *, collate_fn_map: CollateFnMap | None
         return collate(materialise(batch), collate_fn_map=collate_fn_map)
     first: RawTensor = batch[0]
     dtype, shape = first.dtype, first.shape
-    uniform = (
-        first.data.nbytes > 0
-        and get_worker_info() is None
-        and all(type(row) is RawTensor and row.dtype is dtype and row.shape == shape for row in batch)
-    )
+    uniform = get_worker_info() is None and uniform_raw(batch)
     if uniform and first.data.nbytes < _STACK_ROW:
         return stack_raw(batch, dtype, shape)
     views = [row.tensor(copy=False) if type(row) is RawTensor else row for row in batch]

@@ -507,20 +507,21 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             allow_pickle=self.allow_pickle,
         )
 
-    def _decode_row(self, row: StoredRow) -> Any:
-        """One row's sample: tensors as :class:`codec.RawTensor` records for torch's ``default_collate``
+    def _row_decoder(self) -> Callable[..., Any]:
+        """How rows decode: tensors as :class:`codec.RawTensor` records for torch's ``default_collate``
         (which :meth:`collate` copies once per column) and for linked views, else private tensors."""
         raw = self.linked or (self.auto_collation and self.collate_fn is tud.default_collate)
-        decode_row = codec.decode_raw_tensors if raw else codec.decode
-        return decode_row(row.buffer, allow_pickle=self.allow_pickle)
+        decoder: Callable[..., Any] = codec.decode_raw_tensors if raw else codec.decode
+        return decoder
 
     def decode_ahead(self, rows: list[StoredRow]) -> dict[str, Any]:
         """The samples of rows read before their step was claimed, by ref (undecodable rows are left out:
         their step's build decodes them again, and dead-letters them)."""
         out: dict[str, Any] = {}
+        decode_row = self._row_decoder()
         for row in rows:
             try:
-                out[row.ref_text] = self._decode_row(row)
+                out[row.ref_text] = decode_row(row.buffer, allow_pickle=self.allow_pickle)
             except CodecError:
                 continue
         return out
@@ -530,12 +531,13 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         there); an undecodable row is dead-lettered (kept in Redis with the reason) and left out, like
         :class:`LinkedDataProto` does."""
         samples = []
+        decode_row = self._row_decoder()
         for row in claimed.rows:
             if ahead and row.ref_text in ahead:
                 samples.append(ahead[row.ref_text])
                 continue
             try:
-                samples.append(self._decode_row(row))
+                samples.append(decode_row(row.buffer, allow_pickle=self.allow_pickle))
             except CodecError as exc:
                 logger.warning("step %d: dead-lettering row %s: %s", claimed.step, row.ref.encode(), exc)
                 self.shard().store.dead_letter(claimed.step, row.ref, f"undecodable payload: {exc}")

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from pr_loader.codec import RawTensor
-from pr_loader.collate import materialise, stack_raw
+from pr_loader.collate import materialise, stack_raw, uniform_raw
 from pr_loader.errors import DataProtoError
 from pr_loader.protocol import DataProto
 from pr_loader.protocol_ops import NDArray, object_array
@@ -64,19 +63,6 @@ def _stackable(values: list[Any]) -> bool:
     )
 
 
-def _raw_column(values: list[Any]) -> torch.Tensor | None:
-    """A column of :class:`~pr_loader.codec.RawTensor` records of one dtype and shape (rows decoded by
-    ``codec.decode_raw_tensors``), stacked with one copy straight from the payloads; None for any other
-    column. The tensor is the one ``torch.stack`` of the decoded tensors gives."""
-    first = values[0] if values else None
-    if type(first) is not RawTensor or not first.data.nbytes:
-        return None
-    dtype, shape = first.dtype, first.shape
-    if all(type(v) is RawTensor and v.dtype is dtype and v.shape == shape for v in values):
-        return stack_raw(values, dtype, shape)
-    return None
-
-
 def rows_to_dataproto(
     cls: type[D],
     rows: Sequence[Mapping[str, Any]],
@@ -104,11 +90,10 @@ def rows_to_dataproto(
     for key in keys:
         values = [row.get(key, _MISSING) for row in rows]
         if raw_tensors:
-            stacked = _raw_column(values)
-            if stacked is not None:
-                tensors[key] = stacked
+            if uniform_raw(values):  # (one copy per column, straight from the payloads)
+                tensors[key] = stack_raw(values, values[0].dtype, values[0].shape)
                 continue
-            values = [materialise(value) for value in values]
+            values = materialise(values)
         if _stackable(values):
             tensors[key] = torch.stack(values)
         else:
