@@ -186,8 +186,8 @@ def bench_prefetch(
 def bench_prefetch_partial(url: str, data: list[dict[str, Any]], epochs: int) -> dict[str, str]:
     """(a) with a postponing policy (``PostponeToNext``, linked views), the partial-rollout case: every step
     postpones 8 rows with a partial output into the next one, then the consumer works 20 ms. Such a step is
-    claimed only when asked for (rows postponed into it until then must arrive there), so the wait holds the
-    claim and the building of the view; only the step's materialisation happens ahead."""
+    claimed only when asked for (rows postponed into it until then must arrive there): the view of the next
+    step is built ahead (again after the postpone), and the wait holds the claim that confirms its rows."""
     loader = DataLoader(
         data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(2), redis_url=url,
         linked=True, policy=PostponeToNext(),

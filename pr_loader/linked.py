@@ -62,7 +62,8 @@ class StepSession:
     ``policy.name`` must be the run's policy (``RunConfig.policy``). ``materialise`` is called with a step
     number when prefetch (or a ``next`` peek) meets a regular step that is not materialised yet.
     ``clock`` supplies the ``now`` of store calls (``None``: the store's ``time.time()``). A ``read_only``
-    session (the one of a :attr:`LinkedDataProto.next` peek) refuses every mutation.
+    session (the one of a :attr:`LinkedDataProto.next` peek) refuses every mutation. ``rows_moved`` is
+    called after a postpone or prefetch went through (the loader then reads the next step ahead again).
     """
 
     store: BatchStore
@@ -75,6 +76,7 @@ class StepSession:
     allow_pickle: bool = False
     read_only: bool = False
     clock: Callable[[], float] | None = None
+    rows_moved: Callable[[], None] | None = None
     layout: RunLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +131,7 @@ class StepSession:
         for _ in range(_TARGET_ATTEMPTS):
             try:
                 self.store.postpone(self.step, self.consumer_id, rows, target_step, now=self.now())
+                self._moved()
                 return target_step
             except StepStateError:
                 later = self._unclaimed_after(target_step)
@@ -169,7 +172,14 @@ class StepSession:
     def prefetch(self, count: int, last_source_step: int) -> PrefetchResult:
         """``BatchStore.prefetch`` for this step (one call; the view loops and materialises)."""
         self.check_writable("prefetch")
-        return self.store.prefetch(self.step, self.consumer_id, count, last_source_step, now=self.now())
+        result = self.store.prefetch(self.step, self.consumer_id, count, last_source_step, now=self.now())
+        if result.rows:
+            self._moved()
+        return result
+
+    def _moved(self) -> None:
+        if self.rows_moved is not None:
+            self.rows_moved()
 
 
 class LinkedDataProto(DataProto):
@@ -229,6 +239,28 @@ class LinkedDataProto(DataProto):
             )
         session.lease_expiry = claimed.lease_expiry
         return cls._from_stored(claimed.rows, session, ahead)
+
+    @classmethod
+    def ahead_of_claim(
+        cls, stored: list[StoredRow], session: StepSession, samples: Mapping[str, Any]
+    ) -> LinkedDataProto | None:
+        """The view the claim of ``session.step`` would build if it returned exactly the rows ``stored``
+        (read before the claim; ``samples``: theirs by ref, from ``decode_raw_tensors``), or None if some
+        row is missing from ``samples`` or is not a dict with str keys (its claim dead-letters it).
+        Bound to ``session``, whose ``lease_expiry`` the claim sets (:meth:`adopt_claim`)."""
+        for row in stored:
+            sample = samples.get(row.ref_text)
+            if not isinstance(sample, dict) or not all(isinstance(key, str) for key in sample):
+                return None
+        return cls._from_stored(stored, session, samples)
+
+    def adopt_claim(self, claimed: ClaimedStep) -> None:
+        """Bind the lease of ``claimed``, the claim of exactly the rows this view was built from ahead
+        (:meth:`ahead_of_claim`; the caller compares the refs)."""
+        session = self._require_session("adopt_claim")
+        if claimed.step != self.step:
+            raise StepStateError(f"claimed step {claimed.step} does not match the view's step {self.step}")
+        session.lease_expiry = claimed.lease_expiry
 
     @classmethod
     def _from_stored(

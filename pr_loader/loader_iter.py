@@ -10,6 +10,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pr_loader.background import Background, DeferredCommit, Heartbeat, no_op
@@ -32,6 +33,17 @@ def stop_workers(iterator: object) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if callable(shutdown):
         shutdown()
+
+
+@dataclass
+class ReadAhead:
+    """The rows of a step read before its claim: their refs in order, samples by ref, and (linked views)
+    the view built from exactly them, which the claim adopts if it holds the same rows."""
+
+    step: int
+    refs: list[str]
+    samples: dict[str, Any]
+    view: Any = None
 
 
 _END = object()
@@ -66,6 +78,9 @@ class LoaderIter:
         self.committer = Background(self.pool)
         self.deferred: DeferredCommit | None = None  # the due commit, for the next claim ahead to send
         self.commit_with_claim = False
+        self.read: ReadAhead | None = None  # postponing policies: the next step, read ahead (_read_ahead)
+        self.reads: list[Background] = []
+        self.read_generation = 0
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
             self.steps = self._ordered(self._from_workers())
@@ -165,37 +180,89 @@ class LoaderIter:
             logger.debug("materialising step %d ahead failed; the claim will retry", step, exc_info=True)
 
     def _claim_on_request(self) -> Iterator[tuple[int, Any]]:
-        """Partial policies: claim when asked (rows may be postponed into the step until then). Meanwhile a
-        background thread materialises the next step and reads and decodes its rows as they are then
-        (:meth:`_read_ahead`); the claim reads only the payloads of rows that came since (postponed into
-        it), and the build takes the others' samples as decoded."""
+        """Partial policies: claim when asked (rows may be postponed into the step until then). Meanwhile the
+        build thread materialises the next step, reads its rows as they are then, decodes them and (linked
+        views) builds its view from them (:meth:`_read_ahead`), and again after each postpone or prefetch
+        of the current step. The claim reads only the payloads of rows that came since; if it holds exactly
+        the rows read ahead, their view is handed out as built, else the build takes the samples decoded."""
         payloads: dict[str, bytes | memoryview] = {}
-        samples: dict[str, Any] = {}
         for claimed in self.source.claim_steps(self.epoch, payloads):
-            item = self.source.build(claimed, samples)
+            read, self.read = self.read, None
             payloads.clear()
-            samples.clear()
-            if self.in_epoch(claimed.step + 1):
-                self.background.start(self._read_ahead, claimed.step + 1, payloads, samples)
+            item = self._adopt(claimed, read)
+            del read
+            following = claimed.step + 1
+            if self.in_epoch(following):
+                self._start_read(following, payloads, first=True)
+                if self.source.linked and self.build_pool is not None:
+                    item.session.rows_moved = functools.partial(self._start_read, following, payloads)
             yield claimed.step, item
-            self.background.wait()
+            self._stop_reads()
+
+    def _adopt(self, claimed: ClaimedStep, read: ReadAhead | None) -> Any:
+        """The view built ahead if ``claimed`` holds exactly its rows, in order; else the build of
+        ``claimed`` (taking the samples decoded ahead)."""
+        if (
+            read is not None
+            and read.view is not None
+            and read.step == claimed.step
+            and read.refs == [row.ref_text for row in claimed.rows]
+        ):
+            read.view.adopt_claim(claimed)
+            return read.view
+        return self.source.build(claimed, None if read is None else read.samples)
+
+    def _start_read(
+        self, step: int, payloads: dict[str, bytes | memoryview], *, first: bool = False
+    ) -> None:
+        """Queue a read ahead of ``step`` (see :meth:`_read_ahead`); a later one supersedes it."""
+        self.read_generation += 1
+        task = Background(self.build_pool)
+        task.start(self._read_ahead, step, payloads, self.read_generation, first)
+        self.reads.append(task)
+
+    def _stop_reads(self) -> None:
+        """Let the reads ahead know the claim came and wait for them (raising a materialisation's error:
+        the claim needs that step)."""
+        self.read_generation += 1
+        reads, self.reads = self.reads, []
+        for task in reads:
+            task.wait()
 
     def _read_ahead(
-        self, step: int, payloads: dict[str, bytes | memoryview], samples: dict[str, Any]
+        self, step: int, payloads: dict[str, bytes | memoryview], generation: int, first: bool
     ) -> None:
-        """Materialise ``step`` (its error is raised at the next ``next()``), then, best effort, read its
-        rows as they are now into ``payloads`` and their samples into ``samples``, by ref: payloads are
-        immutable, so a row still in the step when it is claimed needs no second read."""
-        self.source.materialise(step)
-        if self.pool is None:  # (run inline: nothing to overlap with)
+        """The ``first`` read materialises ``step`` (its error is raised at the next ``next()``). Then, best
+        effort, read its rows as they are now into ``payloads`` and ``self.read`` (by ref: payloads are
+        immutable, so a row still in the step when it is claimed needs no second read), and build their view.
+        Once superseded (a later read, after a move, or the claim came meanwhile) it builds no view, and a
+        later read stops at its next stage (the claim then reads what is still unknown)."""
+
+        def superseded() -> bool:
+            return generation != self.read_generation
+
+        if first:
+            self.source.materialise(step)
+        if self.build_pool is None or (superseded() and not first):  # (inline: nothing to overlap with)
             return
         try:
-            rows = self.source.shard().store.read_rows(step)
+            rows = self.source.shard().store.read_rows(step, known=payloads)
         except Exception:
             logger.debug("reading step %d ahead failed; its claim reads it", step, exc_info=True)
             return
+        payloads.clear()
         payloads.update((row.ref_text, row.buffer) for row in rows)
-        samples.update(self.source.decode_ahead(rows))
+        if superseded() and not first:
+            return
+        decoded = {} if self.read is None else self.read.samples
+        samples = {row.ref_text: decoded[row.ref_text] for row in rows if row.ref_text in decoded}
+        samples.update(self.source.decode_ahead([row for row in rows if row.ref_text not in samples]))
+        read = ReadAhead(step, [row.ref_text for row in rows], samples)
+        if self.source.linked and not superseded():
+            from pr_loader.linked import LinkedDataProto  # (tensordict is imported only when views are used)
+
+            read.view = LinkedDataProto.ahead_of_claim(rows, self.source.session(step), samples)
+        self.read = read
 
     def _from_workers(self) -> Iterator[tuple[int, Any]]:
         source, loader = self.source, self.loader

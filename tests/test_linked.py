@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import fakeredis
@@ -551,3 +552,65 @@ def test_postponed_rows_survive_redis_restart(redis_server: RedisServer) -> None
     nxt = claim(h2)
     assert nxt.sample_ids()[0] == key(0)
     assert torch.equal(nxt.non_tensor_batch["prl_partial_tokens"][0], torch.arange(2))
+
+
+def test_rows_moved_is_called_after_each_move_that_went_through(client: Any) -> None:
+    """The hook a loader uses to read the next step ahead again: after a postpone, after a prefetch that
+    moved rows; not after a refused move, a prefetch that found nothing, or a FixedBatch call."""
+    h = Harness(client, PostponeToNext())
+    calls: list[int] = []
+    view = h.claim(rows_moved=lambda: calls.append(len(calls)))
+    assert view is not None
+    view.prefetch_samples(1)
+    assert len(calls) == 1
+    moved = view.select_idxs([0])
+    view.postpone_samples(moved)
+    assert len(calls) == 2
+    with pytest.raises(RowsNotInStep):
+        view.postpone_samples(moved)  # (not in the step any more)
+    assert len(calls) == 2
+    view.commit()
+    for _ in range(S - 2):
+        claim(h).commit()
+    end = h.claim(rows_moved=lambda: calls.append(len(calls)))
+    assert end is not None and end.step == S - 1
+    assert len(end.prefetch_samples(2)) == 0 and len(calls) == 2  # (nothing later in the epoch)
+    fixed = Harness(fakeredis.FakeRedis(server=fakeredis.FakeServer()), FixedBatch())
+    view = fixed.claim(rows_moved=lambda: calls.append(len(calls)))
+    assert view is not None
+    assert view.postpone_samples(view.select_idxs([0])) is False and len(view.prefetch_samples(2)) == 0
+    assert len(calls) == 2
+
+
+def test_a_view_built_ahead_of_its_claim_is_the_claims_view(client: Any) -> None:
+    """``ahead_of_claim`` over the rows read before the claim builds what ``from_claim`` builds from the
+    claim of the same rows (``adopt_claim`` then binds the lease); a row the claim would dead-letter (not
+    decoded ahead, or not a dict) leaves it to the claim."""
+    h = Harness(client, PostponeToNext())
+    h.materialise(0)
+    rows = h.store.read_rows(0)
+    samples = {row.ref_text: codec.decode_raw_tensors(row.buffer) for row in rows}
+    ahead = LinkedDataProto.ahead_of_claim(rows, h.session(0), samples)
+    assert ahead is not None and ahead.session is not None and ahead.session.lease_expiry == 0.0
+    claimed = h.store.claim("c1", 60.0)
+    assert claimed is not None and [row.ref_text for row in claimed.rows] == [row.ref_text for row in rows]
+    ahead.adopt_claim(claimed)
+    built = LinkedDataProto.from_claim(claimed, h.session(0))
+    assert ahead.session.lease_expiry == built.session.lease_expiry == claimed.lease_expiry  # type: ignore[union-attr]
+    assert ahead.sample_ids() == built.sample_ids()
+    assert ahead.batch is not None and built.batch is not None
+    columns = sorted(built.batch.keys())
+    assert sorted(ahead.batch.keys()) == columns
+    assert all(torch.equal(ahead.batch[k], built.batch[k]) for k in columns)
+    assert {k: list(v) for k, v in ahead.non_tensor_batch.items()} == {
+        k: list(v) for k, v in built.non_tensor_batch.items()
+    }
+    assert ahead.postpone_samples(ahead.select_idxs([0])) is True  # (bound: it moves rows like the claim's)
+    with pytest.raises(StepStateError, match="does not match"):
+        ahead.adopt_claim(replace(claimed, step=1))
+    missing = dict(samples)
+    del missing[rows[1].ref_text]
+    assert LinkedDataProto.ahead_of_claim(rows, h.session(0), missing) is None
+    not_a_dict = {**samples, rows[2].ref_text: [1, 2]}
+    assert LinkedDataProto.ahead_of_claim(rows, h.session(0), not_a_dict) is None
+    assert h.store.dead_letters() == []  # (building ahead never dead-letters: the claim has not happened)

@@ -529,9 +529,12 @@ class BatchStore:
                                   rec["at"]))
         return out
 
-    def read_rows(self, step: int) -> list[StoredRow]:
-        """Current rows of a step (rows of a claimed step, else arrivals then fresh rows); read-only."""
-        return self._rows(self._script("READ_ROWS", str(step))[1])
+    def read_rows(
+        self, step: int, *, known: Mapping[str, bytes | memoryview] | None = None
+    ) -> list[StoredRow]:
+        """Current rows of a step (rows of a claimed step, else arrivals then fresh rows); read-only.
+        ``known``: payloads the caller already has, by ref (not read again; see :meth:`claim`)."""
+        return self._rows(self._script("READ_ROWS", str(step))[1], known=known)
 
     def stats(self) -> StoreStats:
         """Counts of upcoming rows, postponed rows and their staleness, leases and dead letters."""

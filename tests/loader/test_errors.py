@@ -80,7 +80,7 @@ def test_a_failed_read_ahead_only_costs_its_claim_the_reads(
     reference = [indices(view) for view in loader()]
     failed: list[int] = []
 
-    def broken(self: BatchStore, step: int) -> Any:
+    def broken(self: BatchStore, step: int, **_: Any) -> Any:
         failed.append(step)
         raise StoreError("read refused")
 

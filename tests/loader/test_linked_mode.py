@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -86,21 +87,26 @@ def test_dataset_alone_yields_linked_views() -> None:
     assert dataset.position()[1] == 2
 
 
-def _partial_trace(loader: prl.DataLoader, ready: Any = None) -> list[tuple[int, list[str], list[Any]]]:
-    """Two epochs of a PostponeToNext loop: each step postpones its first two rows with a partial output
-    (once the next step was read ahead, if ``ready`` says when); per step: ids and partial outputs."""
+def _partial_trace(
+    loader: prl.DataLoader, settle: Callable[[str], None] | None = None
+) -> list[tuple[int, list[str], list[Any]]]:
+    """Two epochs of a PostponeToNext loop: each step postpones its first two rows with a partial output;
+    per step: ids and partial outputs. ``settle`` (steps that have a successor in the epoch): called with
+    "read" before the postpone and with "moved" after it, to wait for the loader's reads ahead."""
     trace = []
     for _ in range(2):
         for view in loader:
             partial = view.non_tensor_batch.get("partial", np.full(len(view), None, dtype=object))
             trace.append((view.step, view.sample_ids(), list(partial)))
             movable = [i for i, t in enumerate(view.non_tensor_batch["prl_times_postponed"]) if t < 2][:2]
-            if ready is not None and (view.step + 1) % loader.source.steps_per_epoch:  # (read ahead)
-                assert ready.wait(10)
-                ready.clear()
+            ahead = settle is not None and (view.step + 1) % loader.source.steps_per_epoch
+            if ahead:
+                settle("read")
             rows = view.select_idxs(movable)
             rows.non_tensor_batch["partial"] = np.array([f"from step {view.step}"] * len(rows), dtype=object)
             view.postpone_samples(rows)
+            if ahead:
+                settle("moved")
     loader.close()
     return trace
 
@@ -108,10 +114,11 @@ def _partial_trace(loader: prl.DataLoader, ready: Any = None) -> list[tuple[int,
 def test_postponing_policy_reads_the_next_step_ahead(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While the caller works on a step, its successor's rows are read and decoded ahead; its claim then
-    reads only rows that came later (postponed into it meanwhile), and the views are those of a loader that
-    reads nothing ahead (the in-process store runs inline and does not)."""
-    import threading
+    """While the caller works on a step, its successor's rows are read, decoded and built into its view
+    ahead, and read again after each postpone; the claim then reads no payload and hands that view out. The
+    views are those of a loader that reads nothing ahead (the in-process store runs inline and does not),
+    also when the caller asks for the next step at once (reads ahead cut short)."""
+    import queue
 
     from pr_loader import loader_iter
     from pr_loader.policy import PostponeToNext
@@ -123,29 +130,41 @@ def test_postponing_policy_reads_the_next_step_ahead(
             linked=True, policy=PostponeToNext(max_postpones=2), run_id=f"ahead-{uuid.uuid4().hex}",
         )  # fmt: skip
 
-    ready = threading.Event()
+    reads: queue.Queue[str] = queue.Queue()
     read_ahead = loader_iter.LoaderIter._read_ahead
     claim = BatchStore.claim
-    given: dict[int, int] = {}  # step -> rows whose payloads the claim was given
+    adopt_claim = LinkedDataProto.adopt_claim
+    given: dict[int, tuple[int, int]] = {}  # step -> (rows whose payloads the claim was given, rows)
+    adopted: list[int] = []
 
-    def spied_read_ahead(self: Any, step: int, payloads: Any, ahead: Any) -> None:
-        read_ahead(self, step, payloads, ahead)
-        ready.set()
+    def spied_read_ahead(self: Any, step: int, payloads: Any, generation: int, first: bool) -> None:
+        read_ahead(self, step, payloads, generation, first)
+        reads.put("read" if first else "moved")
 
     def spied_claim(self: BatchStore, *args: Any, known: Any = None, **kwargs: Any) -> Any:
         claimed = claim(self, *args, known=known, **kwargs)
         if claimed is not None:
-            given[claimed.step] = sum(row.ref_text in (known or {}) for row in claimed.rows)
+            known_rows = sum(row.ref_text in (known or {}) for row in claimed.rows)
+            given[claimed.step] = (known_rows, len(claimed.rows))
         return claimed
+
+    def spied_adopt(self: LinkedDataProto, claimed: Any) -> None:
+        adopted.append(claimed.step)
+        adopt_claim(self, claimed)
+
+    def settle(what: str) -> None:
+        assert reads.get(timeout=10) == what
 
     monkeypatch.setattr(loader_iter.LoaderIter, "_read_ahead", spied_read_ahead)
     monkeypatch.setattr(BatchStore, "claim", spied_claim)
-    with_ahead = _partial_trace(make(redis_server.url), ready)
-    # a step read ahead (not an epoch's first) was given every row but those postponed into it meanwhile
-    epoch_size = [5, 5, 5, 3]
-    for step, n in given.items():
-        first = step % 4 == 0
-        assert n == (0 if first else epoch_size[step % 4]), given
+    monkeypatch.setattr(LinkedDataProto, "adopt_claim", spied_adopt)
+    with_ahead = _partial_trace(make(redis_server.url), settle)
+    # a step read ahead (not an epoch's first) was given every row, postponed ones too, and handed out built
+    later = sorted(step for step in given if step % 4)
+    assert later == adopted == [1, 2, 3, 5, 6, 7]  # (two epochs of four steps)
+    assert all(given[step][0] == given[step][1] > 0 for step in later), given
+    assert given[0][0] == given[4][0] == 0, given
+    unsettled = _partial_trace(make(redis_server.url))
     monkeypatch.undo()
-    assert with_ahead == _partial_trace(make(FAKE_URL))
+    assert with_ahead == unsettled == _partial_trace(make(FAKE_URL))
     assert any(partial for _, _, partial in with_ahead if any(p is not None for p in partial))

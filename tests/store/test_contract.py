@@ -150,6 +150,19 @@ def test_claim_reads_only_the_payloads_it_is_not_given(store: BatchStore) -> Non
     assert [r.payload for r in second.rows] == [b"partial", *(b"given " + row.payload for row in ahead)]
 
 
+def test_read_rows_reads_only_the_payloads_it_is_not_given(store: BatchStore) -> None:
+    """``read_rows(known=...)`` (a loader reading a step ahead again after a postpone) takes known payloads
+    as given, by ref, and reads the others: here only the row postponed in since."""
+    ahead = store.read_rows(1)
+    first = store.claim("c", 10, now=0)
+    assert first is not None and first.step == 0
+    [moved] = store.postpone(0, "c", [(first.rows[0].ref, b"partial")], 1, now=0)
+    known = {row.ref_text: b"given " + row.payload for row in ahead}
+    again = store.read_rows(1, known=known)
+    assert [r.ref_text for r in again] == [moved.encode(), *(row.ref_text for row in ahead)]
+    assert [r.payload for r in again] == [b"partial", *(b"given " + row.payload for row in ahead)]
+
+
 def test_a_rows_ref_is_parsed_when_used(store: BatchStore, client: redis.Redis) -> None:
     """Refs are parsed lazily (a collating loader never needs them): a damaged ref in Redis still delivers
     its payload, and raises StoreError only where the ref is used."""
