@@ -201,3 +201,24 @@ def test_state_dict_does_not_wait_for_the_claim_that_carries_the_commit(
     rest = [batch["i"].tolist() for batch in it]
     assert rest == [list(range(i, i + B)) for i in range(2 * B, len(DATA), B)]
     loader.close()
+
+
+@pytest.mark.parametrize("policy", ["FixedBatch", "PostponeToNext"])
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_batch_the_caller_drops_is_freed_at_once(
+    redis_server: RedisServer, policy: str, threaded: bool
+) -> None:
+    """The loader keeps no reference to a batch it handed out: the caller's ``del`` frees it then, not
+    inside the next ``next()`` (which would add the free of a whole batch to the wait)."""
+    import weakref
+
+    linked = policy != "FixedBatch"
+    url = redis_server.url if threaded else FAKE_URL
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=url, linked=linked, policy=policy)
+    it = iter(loader)
+    for _ in range(3):
+        batch = next(it)
+        tensor = weakref.ref(batch.batch["x"] if linked else batch["x"])
+        del batch
+        assert tensor() is None
+    loader.close()
