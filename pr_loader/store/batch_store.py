@@ -290,8 +290,8 @@ class BatchStore:
 
             fetched = iter(self._retrying(read) if names else [])
             payloads = [known[r] if r in known else next(fetched) for r in refs]
-        if None in payloads:
-            ref = refs[payloads.index(None)]
+        if any(payload is None for payload in payloads):  # (not `None in`: == on 256 memoryviews, 70 us)
+            ref = refs[[payload is None for payload in payloads].index(True)]
             if held is not None and not self._holds(*held):
                 raise LeaseLost(f"step {held[0]} was taken from {held[1]!r} while its rows were read")
             raise StoreError(f"payload of row {ref!r} of run {self._config.run_id!r} is gone "
