@@ -69,12 +69,12 @@ class LoaderIter:
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
         threaded = not source.in_process()
         # Threads (the loader's, kept from epoch to epoch): claim, materialise ahead, commit, build (decode +
-        # collate); see _claimed_ahead and commit_pending for what each gains (measured).
+        # collate; postponing policies: the reads ahead); see _claimed_ahead, commit_pending and
+        # _claim_on_request for what each gains (measured).
         self.pools: list[ThreadPoolExecutor | None] = (
             [*loader._thread_pools()] if threaded else [None, None, None, None]
         )
         self.pool, writer, self.commit_pool, self.build_pool = self.pools
-        self.background = Background(self.pool)
         self.materialiser = Background(writer)
         self.committer = Background(self.pool)
         self.deferred: DeferredCommit | None = None  # the due commit, for the next claim ahead to send
