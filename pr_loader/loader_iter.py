@@ -82,6 +82,7 @@ class LoaderIter:
         self.read: ReadAhead | None = None  # postponing policies: the next step, read ahead (_read_ahead)
         self.reads: list[Background] = []
         self.read_generation = 0
+        self.read_step = -1  # the step the reads ahead are for
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
             self.steps = self._ordered(self._from_workers())
@@ -194,7 +195,8 @@ class LoaderIter:
         for claimed in self.source.claim_steps(self.epoch, payloads):
             item = self._adopt(claimed, self.read)
             following = claimed.step + 1
-            if self.in_epoch(following):  # (its first read drops this one's rows, on its thread: ~0.5 ms)
+            self.read_step = following if self.in_epoch(following) else -1
+            if self.read_step >= 0:  # (its first read drops this one's rows, on its thread: ~0.5 ms)
                 self._start_read(following, payloads, first=True)
                 if self.source.linked and self.build_pool is not None:
                     item.session.rows_moved = functools.partial(self._start_read, following, payloads)
@@ -220,7 +222,10 @@ class LoaderIter:
         return self.source.build(claimed, None if read is None else read.samples)
 
     def _start_read(self, step: int, payloads: dict[str, bytes | memoryview], *, first: bool = False) -> None:
-        """Queue a read ahead of ``step`` (see :meth:`_read_ahead`); a later one supersedes it."""
+        """Queue a read ahead of ``step`` (see :meth:`_read_ahead`); a later one supersedes it. A move of a
+        step handed out before (its view kept by the caller) reads nothing: its successor is claimed."""
+        if step != self.read_step:
+            return
         self.read_generation += 1
         task = Background(self.build_pool)
         task.start(self._read_ahead, step, payloads, self.read_generation, first)

@@ -168,3 +168,22 @@ def test_postponing_policy_reads_the_next_step_ahead(
     monkeypatch.undo()
     assert with_ahead == unsettled == _partial_trace(make(FAKE_URL))
     assert any(partial for _, _, partial in with_ahead if any(p is not None for p in partial))
+
+
+def test_a_move_of_an_earlier_step_reads_nothing_ahead(redis_server: RedisServer) -> None:
+    """Only a move of the step handed out last re-reads its successor: the view of an earlier step (kept by
+    the caller) names a step that is claimed already."""
+    from pr_loader.policy import PostponeToNext
+
+    loader = prl.DataLoader(DATA, batch_size=5, redis_url=redis_server.url, linked=True,
+                            policy=PostponeToNext(), run_id=f"moved-{uuid.uuid4().hex}")  # fmt: skip
+    it = iter(loader)
+    first, second = next(it), next(it)
+    assert first.session is not None and second.session is not None
+    assert first.session.rows_moved is not None and second.session.rows_moved is not None
+    queued = len(it.reads)
+    first.session.rows_moved()
+    assert len(it.reads) == queued
+    second.session.rows_moved()
+    assert len(it.reads) == queued + 1
+    loader.close()
