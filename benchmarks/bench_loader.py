@@ -183,11 +183,15 @@ def bench_prefetch(
     }
 
 
-def bench_prefetch_partial(url: str, data: list[dict[str, Any]], epochs: int) -> dict[str, str]:
+def bench_prefetch_partial(
+    url: str, data: list[dict[str, Any]], epochs: int, commit: bool = False
+) -> dict[str, str]:
     """(a) with a postponing policy (``PostponeToNext``, linked views), the partial-rollout case: every step
     postpones 8 rows with a partial output into the next one, then the consumer works 20 ms. Such a step is
     claimed only when asked for (rows postponed into it until then must arrive there): the view of the next
-    step is built ahead (again after the postpone), and the wait holds the claim that confirms its rows."""
+    step is built ahead (again after the postpone), and the wait holds the claim that confirms its rows.
+    ``commit``: the consumer commits its view after the postpone (before its 20 ms of work), which lets the
+    loader claim the next step at once."""
     loader = DataLoader(
         data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(2), redis_url=url,
         linked=True, policy=PostponeToNext(),
@@ -208,11 +212,15 @@ def bench_prefetch_partial(url: str, data: list[dict[str, Any]], epochs: int) ->
             partial = np.array(["..."] * len(unfinished), dtype=object)
             unfinished.non_tensor_batch["partial_response"] = partial
             view.postpone_samples(unfinished)
+            if commit:
+                view.commit()
             time.sleep(0.02)
             del view, unfinished
     loader.close()
     waits.sort()
     how = "PostponeToNext, linked views, 8 rows postponed per step"
+    if commit:
+        how += ", the view committed after its postpone"
     return {
         f"(a) wait for next batch, p50 (consumer works 20 ms/step; {how})": ms(statistics.median(waits)),
         f"(a) wait for next batch, p90 ({how})": ms(waits[int(len(waits) * 0.9)]),
@@ -421,6 +429,7 @@ def main() -> None:
         rows.update(bench_prefetch(url, data, epochs, materialised=False))
         rows.update(bench_prefetch(url, data, epochs, materialised=True, busy=True))
         rows.update(bench_prefetch_partial(url, data, epochs))
+        rows.update(bench_prefetch_partial(url, data, epochs, commit=True))
         rows.update(bench_data_path(url, data, epochs))
         rows.update(bench_big(url, epochs))
         rows.update(bench_resume(url, [0.5] if args.quick else [0.1, 0.5, 0.9]))

@@ -10,7 +10,8 @@ and k + 3 materialised while the caller works on step k (an error of a later ste
 turn); with a postponing policy step k + 1 is materialised and its rows as they are then are read, decoded
 and built into its view ahead, again after each postpone or prefetch of step k, but it is claimed only when
 asked for (its rows are final only then, so rows postponed into it while the caller works still arrive
-there): the claim hands the view built ahead out if it holds exactly its rows. With the in-process fakeredis
+there), or once the caller commits step k's view: the claim hands the view built ahead out if it holds
+exactly its rows. With the in-process fakeredis
 store everything runs inline (its Lua runtime is not thread-safe).
 
 Commit points: a step is committed when the next one is requested (``next()``, the end of the epoch, or a

@@ -63,7 +63,8 @@ class StepSession:
     number when prefetch (or a ``next`` peek) meets a regular step that is not materialised yet.
     ``clock`` supplies the ``now`` of store calls (``None``: the store's ``time.time()``). A ``read_only``
     session (the one of a :attr:`LinkedDataProto.next` peek) refuses every mutation. ``rows_moved`` is
-    called after a postpone or prefetch went through (the loader then reads the next step ahead again).
+    called after a postpone or prefetch went through (the loader then reads the next step ahead again),
+    ``committed`` after a commit through the view went through (the loader then claims the next step).
     """
 
     store: BatchStore
@@ -77,6 +78,7 @@ class StepSession:
     read_only: bool = False
     clock: Callable[[], float] | None = None
     rows_moved: Callable[[], None] | None = None
+    committed: Callable[[], None] | None = None
     layout: RunLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +117,8 @@ class StepSession:
         """Commit the step: its current rows are delivered for good."""
         self.check_writable("commit")
         self.store.commit(self.step, self.consumer_id, now=self.now())
+        if self.committed is not None:
+            self.committed()
 
     def dead_letter(self, ref: RowRef, reason: str) -> None:
         """Take row ``ref`` out of the step into the dead-letter list."""
@@ -501,5 +505,9 @@ class LinkedDataProto(DataProto):
         return self._next
 
     def commit(self) -> None:
-        """Commit this step (normally done by the loader)."""
+        """Commit this step (normally done by the loader when the next step is asked for). Committed after
+        its last postpone or prefetch, before the training on it, a step lets a loader under a postponing
+        policy claim the next step at once (nothing can move into it any more), so that ``next()`` waits
+        for nothing; but a process that dies before its next checkpoint then no longer gets this step back
+        on a restart without ``load_state_dict`` (a restore from the checkpoint still does)."""
         self._require_session("commit").commit()

@@ -83,6 +83,7 @@ class LoaderIter:
         self.reads: list[Background] = []
         self.read_generation = 0
         self.read_step = -1  # the step the reads ahead are for
+        self.early: Background | None = None  # the claim of read_step, started by a commit of its predecessor
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
             self.steps = self._ordered(self._from_workers())
@@ -186,27 +187,54 @@ class LoaderIter:
             logger.debug("materialising step %d ahead failed; the claim will retry", step, exc_info=True)
 
     def _claim_on_request(self) -> Iterator[tuple[int, Any]]:
-        """Partial policies: claim when asked (rows may be postponed into the step until then). Meanwhile the
-        build thread materialises the next step, reads its rows as they are then, decodes them and (linked
-        views) builds its view from them (:meth:`_read_ahead`), and again after each postpone or prefetch
-        of the current step. The claim reads only the payloads of rows that came since; if it holds exactly
-        the rows read ahead, their view is handed out as built, else the build takes the samples decoded."""
+        """Partial policies: claim when asked (rows may be postponed into the step until then), or as soon as
+        the caller commits the step's predecessor through its view (then nothing can move into it any more:
+        :meth:`_claim_early`). Meanwhile the build thread materialises the next step, reads its rows as they
+        are then, decodes them and (linked views) builds its view from them (:meth:`_read_ahead`), and again
+        after each postpone or prefetch of the current step. The claim reads only the payloads of rows that
+        came since; if it holds exactly the rows read ahead, their view is handed out as built, else the
+        build takes the samples decoded."""
         payloads: dict[str, bytes | memoryview] = {}
-        for claimed in self.source.claim_steps(self.epoch, payloads):
-            item = self._adopt(claimed, self.read)
+        claims = self.source.claim_steps(self.epoch, payloads)
+        while True:
+            early, self.early = self.early, None
+            if early is not None:  # (claimed on the build thread, after the reads queued before it)
+                claimed, item = early.wait()
+            else:
+                self._stop_reads()
+                claimed = next(claims, None)
+                item = None if claimed is None else self._adopt(claimed, self.read)
+            if claimed is None:
+                return
             following = claimed.step + 1
             self.read_step = following if self.in_epoch(following) else -1
             if self.read_step >= 0:  # (its first read drops this one's rows, on its thread: ~0.5 ms)
                 self._start_read(following, payloads, first=True)
                 if self.source.linked and self.build_pool is not None:
                     item.session.rows_moved = functools.partial(self._start_read, following, payloads)
+                    item.session.committed = functools.partial(self._claim_early, following, claims)
             else:
                 self.read = None
                 payloads.clear()
             box = [(claimed.step, item)]
             del claimed, item  # (see _claimed_ahead; and the claimed rows' receive buffer)
             yield box.pop()
-            self._stop_reads()
+
+    def _claim_early(self, step: int, claims: Iterator[ClaimedStep]) -> None:
+        """The caller committed the step before ``step`` through its view: claim ``step`` now, on the build
+        thread once the reads ahead queued before are done (``next()`` then waits for nothing)."""
+        if step != self.read_step or self.early is not None:  # (a view kept from an earlier step)
+            return
+
+        def claim() -> tuple[ClaimedStep | None, Any]:
+            reads, self.reads = self.reads, []
+            for task in reads:  # (done: they ran before this task; a materialisation's error is raised)
+                task.wait()
+            claimed = next(claims, None)
+            return claimed, None if claimed is None else self._adopt(claimed, self.read)
+
+        self.early = Background(self.build_pool)
+        self.early.start(claim)
 
     def _adopt(self, claimed: ClaimedStep, read: ReadAhead | None) -> Any:
         """The view built ahead if ``claimed`` holds exactly its rows, in order; else the build of

@@ -614,3 +614,17 @@ def test_a_view_built_ahead_of_its_claim_is_the_claims_view(client: Any) -> None
     not_a_dict = {**samples, rows[2].ref_text: [1, 2]}
     assert LinkedDataProto.ahead_of_claim(rows, h.session(0), not_a_dict) is None
     assert h.store.dead_letters() == []  # (building ahead never dead-letters: the claim has not happened)
+
+
+def test_committed_is_called_after_a_commit_through_the_view(client: Any) -> None:
+    """The hook a loader uses to claim the next step early: called once the view's commit went through,
+    not when the commit is refused."""
+    h = Harness(client, PostponeToNext())
+    calls: list[int] = []
+    view = h.claim(committed=lambda: calls.append(len(calls)))
+    assert view is not None
+    view.commit()
+    assert calls == [0]
+    with pytest.raises(StepStateError):
+        view.commit()  # (already committed)
+    assert calls == [0]

@@ -88,11 +88,12 @@ def test_dataset_alone_yields_linked_views() -> None:
 
 
 def _partial_trace(
-    loader: prl.DataLoader, settle: Callable[[str], None] | None = None
+    loader: prl.DataLoader, settle: Callable[[str], None] | None = None, commit: bool = False
 ) -> list[tuple[int, list[str], list[Any]]]:
-    """Two epochs of a PostponeToNext loop: each step postpones its first two rows with a partial output;
-    per step: ids and partial outputs. ``settle`` (steps that have a successor in the epoch): called with
-    "read" before the postpone and with "moved" after it, to wait for the loader's reads ahead."""
+    """Two epochs of a PostponeToNext loop: each step postpones its first two rows with a partial output
+    (then, with ``commit``, commits its view); per step: ids and partial outputs. ``settle`` (steps that have
+    a successor in the epoch): called with "read" before the postpone and with "moved" after it, to wait for
+    the loader's reads ahead."""
     trace = []
     for _ in range(2):
         for view in loader:
@@ -107,6 +108,8 @@ def _partial_trace(
             view.postpone_samples(rows)
             if ahead:
                 settle("moved")
+            if commit:
+                view.commit()
     loader.close()
     return trace
 
@@ -186,4 +189,70 @@ def test_a_move_of_an_earlier_step_reads_nothing_ahead(redis_server: RedisServer
     assert len(it.reads) == queued
     second.session.rows_moved()
     assert len(it.reads) == queued + 1
+    loader.close()
+
+
+def test_a_view_committed_by_its_caller_lets_the_next_step_be_claimed_at_once(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Committed through its view (after its last move), a step's successor is claimed on the loader's
+    thread before the caller asks for it, and handed out as built ahead: the same views as a loader that
+    claims on request."""
+    import threading
+
+    from pr_loader.policy import PostponeToNext
+    from pr_loader.store import BatchStore
+
+    def make(url: str) -> prl.DataLoader:
+        return prl.DataLoader(
+            DATA, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(5), redis_url=url,
+            linked=True, policy=PostponeToNext(max_postpones=2), run_id=f"early-{uuid.uuid4().hex}",
+        )  # fmt: skip
+
+    claim = BatchStore.claim
+    threads: dict[int, str] = {}  # step -> the thread that claimed it
+
+    def spied_claim(self: BatchStore, *args: Any, **kwargs: Any) -> Any:
+        claimed = claim(self, *args, **kwargs)
+        if claimed is not None:
+            threads[claimed.step] = threading.current_thread().name
+        return claimed
+
+    monkeypatch.setattr(BatchStore, "claim", spied_claim)
+    early = _partial_trace(make(redis_server.url), commit=True)
+    # an epoch's first step is claimed on request; every other one by the build thread
+    assert {s: name.startswith("pr_loader-build") for s, name in threads.items()} == {
+        s: bool(s % 4) for s in range(8)
+    }, threads
+    monkeypatch.undo()
+    assert early == _partial_trace(make(FAKE_URL), commit=True) == _partial_trace(make(FAKE_URL))
+
+
+def test_an_early_claims_error_comes_at_next(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim a view's commit starts runs in the background: its error is raised by the next
+    ``next()``, not by ``commit()``."""
+    from pr_loader.errors import StoreError
+    from pr_loader.policy import PostponeToNext
+    from pr_loader.store import BatchStore
+
+    loader = prl.DataLoader(DATA, batch_size=5, redis_url=redis_server.url, linked=True,
+                            policy=PostponeToNext(), run_id=f"early-error-{uuid.uuid4().hex}")  # fmt: skip
+    it = iter(loader)
+    view = next(it)
+
+    import threading
+
+    callers: list[str] = []
+
+    def refused(self: BatchStore, *args: Any, **kwargs: Any) -> Any:
+        callers.append(threading.current_thread().name)
+        raise StoreError("claim refused")
+
+    monkeypatch.setattr(BatchStore, "claim", refused)
+    view.commit()
+    with pytest.raises(StoreError, match="claim refused"):
+        next(it)
+    assert len(callers) == 1 and callers[0].startswith("pr_loader-build")  # (claimed early, once)
     loader.close()
