@@ -489,12 +489,17 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
 
     def commit(self, step: int) -> None:
         """Commit ``step`` for this consumer (and wait for the fsync when durability needs it)."""
-        shard = self.shard()
-        shard.store.commit(step, self.consumer_id)
-        if self.wait_durable and isinstance(shard.client, redis.Redis):  # clusters refused in shard()
-            wait_durable(shard.client)
+        self.shard().store.commit(step, self.consumer_id)
+        self._wait_durable()
+
+    def _wait_durable(self) -> None:
+        """After a commit on this thread: wait for its fsync when ``durability`` needs it."""
+        client = self.shard().client
+        if self.wait_durable and isinstance(client, redis.Redis):  # (clusters are refused in shard())
+            wait_durable(client)
 
     def session(self, step: int) -> StepSession:
+        """The session of a view of ``step`` (a commit through it waits for its fsync, as :meth:`commit`)."""
         from pr_loader.linked import StepSession  # tensordict is imported only when views are used
 
         return StepSession(
@@ -505,6 +510,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             lease_seconds=self.lease_seconds,
             materialise=self.materialise,
             allow_pickle=self.allow_pickle,
+            committed=self._wait_durable,
         )
 
     def _row_decoder(self) -> Callable[..., Any]:

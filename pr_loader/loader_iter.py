@@ -189,7 +189,7 @@ class LoaderIter:
     def _claim_on_request(self) -> Iterator[tuple[int, Any]]:
         """Partial policies: claim when asked (rows may be postponed into the step until then), or as soon as
         the caller commits the step's predecessor through its view (then nothing can move into it any more:
-        :meth:`_claim_early`). Meanwhile the build thread materialises the next step, reads its rows as they
+        `_view_committed`). Meanwhile the build thread materialises the next step, reads its rows as they
         are then, decodes them and (linked views) builds its view from them (:meth:`_read_ahead`), and again
         after each postpone or prefetch of the current step. The claim reads only the payloads of rows that
         came since; if it holds exactly the rows read ahead, their view is handed out as built, else the
@@ -212,7 +212,9 @@ class LoaderIter:
                 self._start_read(following, payloads, first=True)
                 if self.source.linked and self.build_pool is not None:
                     item.session.rows_moved = functools.partial(self._start_read, following, payloads)
-                    item.session.committed = functools.partial(self._claim_early, following, claims)
+                    item.session.committed = functools.partial(
+                        self._view_committed, following, claims, item.session.committed
+                    )
             else:
                 self.read = None
                 payloads.clear()
@@ -220,9 +222,15 @@ class LoaderIter:
             del claimed, item  # (see _claimed_ahead; and the claimed rows' receive buffer)
             yield box.pop()
 
-    def _claim_early(self, step: int, claims: Iterator[ClaimedStep]) -> None:
-        """The caller committed the step before ``step`` through its view: claim ``step`` now, on the build
-        thread once the reads ahead queued before are done (``next()`` then waits for nothing)."""
+    def _view_committed(
+        self, step: int, claims: Iterator[ClaimedStep], durable: Callable[[], None] | None
+    ) -> None:
+        """The caller committed the step before ``step`` through its view: wait for its fsync (``durable``,
+        the session's own hook: on this thread, before another thread takes the connection), then claim
+        ``step`` now, on the build thread once the reads ahead queued before are done (``next()`` then waits
+        for nothing)."""
+        if durable is not None:
+            durable()
         if step != self.read_step or self.early is not None:  # (a view kept from an earlier step)
             return
 

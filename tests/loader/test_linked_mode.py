@@ -256,3 +256,31 @@ def test_an_early_claims_error_comes_at_next(
         next(it)
     assert len(callers) == 1 and callers[0].startswith("pr_loader-build")  # (claimed early, once)
     loader.close()
+
+
+@pytest.mark.parametrize("policy", ["FixedBatch", "PostponeToNext"])
+def test_a_commit_through_a_view_waits_for_its_fsync(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    """Where ``durability`` needs a wait after each write, a view's commit waits like the loader's own
+    commit: on the caller's thread (WAITAOF covers the writes of the connection it is sent on), before an
+    early claim takes a connection."""
+    import threading
+
+    import pr_loader.dataset as dataset_module
+
+    waits: list[str] = []
+    monkeypatch.setattr(
+        dataset_module, "wait_durable", lambda client: waits.append(threading.current_thread().name)
+    )
+    loader = prl.DataLoader(DATA, batch_size=5, redis_url=redis_server.url, linked=True, policy=policy,
+                            run_id=f"durable-{uuid.uuid4().hex}")  # fmt: skip
+    loader.source.shard()
+    loader.source.wait_durable = True  # (this server fsyncs every write itself: no wait would be needed)
+    it = iter(loader)
+    view = next(it)
+    waits.clear()
+    view.commit()
+    assert waits == [threading.current_thread().name]
+    assert len(next(it)) == 5
+    loader.close()
