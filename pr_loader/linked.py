@@ -55,6 +55,11 @@ MaterialiseFn = Callable[[int], object]
 """``materialise(step)``: write the fresh batch of regular step ``step`` into the store (idempotent)."""
 
 
+def _is_row(sample: Any) -> bool:
+    """Whether a decoded payload can be a row of a view: a dict with str keys (else it is dead-lettered)."""
+    return isinstance(sample, dict) and all(isinstance(key, str) for key in sample)
+
+
 @dataclass
 class StepSession:
     """Binds a view to one step of a :class:`BatchStore` and performs the store calls for it.
@@ -254,7 +259,7 @@ class LinkedDataProto(DataProto):
         Bound to ``session``, whose ``lease_expiry`` the claim sets (:meth:`adopt_claim`)."""
         for row in stored:
             sample = samples.get(row.ref_text)
-            if not isinstance(sample, dict) or not all(isinstance(key, str) for key in sample):
+            if not _is_row(sample):
                 return None
         return cls._from_stored(stored, session, samples)
 
@@ -297,7 +302,7 @@ class LinkedDataProto(DataProto):
             except CodecError as exc:
                 reason = f"undecodable payload: {exc}"
             else:
-                if isinstance(sample, dict) and all(isinstance(key, str) for key in sample):
+                if _is_row(sample):
                     out.append((row.ref, sample))
                     continue
                 reason = f"payload is not a dict with str keys (got {type(sample).__name__})"

@@ -235,9 +235,7 @@ class LoaderIter:
             return
 
         def claim() -> tuple[ClaimedStep | None, Any]:
-            reads, self.reads = self.reads, []
-            for task in reads:  # (done: they ran before this task; a materialisation's error is raised)
-                task.wait()
+            self._stop_reads()  # (done: they ran before this task; a materialisation's error is raised)
             claimed = next(claims, None)
             return claimed, None if claimed is None else self._adopt(claimed, self.read)
 
@@ -287,11 +285,14 @@ class LoaderIter:
         def superseded() -> bool:
             return generation != self.read_generation
 
+        def stop_early() -> bool:  # (the first read reads and decodes in any case: the claim needs them)
+            return not first and superseded()
+
         if first:
             self.read = None  # (the step claimed last: its rows are built)
             payloads.clear()
             self.source.materialise(step)
-        if self.build_pool is None or (superseded() and not first):  # (inline: nothing to overlap with)
+        if self.build_pool is None or stop_early():  # (inline: nothing to overlap with)
             return
         try:
             rows = self.source.shard().store.read_rows(step, known=payloads)
@@ -300,7 +301,7 @@ class LoaderIter:
             return
         payloads.clear()
         payloads.update((row.ref_text, row.buffer) for row in rows)
-        if superseded() and not first:
+        if stop_early():
             return
         decoded = {} if self.read is None else self.read.samples
         samples = {row.ref_text: decoded[row.ref_text] for row in rows if row.ref_text in decoded}
