@@ -69,6 +69,15 @@ def _typed(name: str, raw: str) -> object:
     return raw
 
 
+def _held(step: int | None) -> str:
+    """The ``held`` argument of CLAIM, POSTPONE and PREFETCH (-1: none)."""
+    if step is None:
+        return "-1"
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ConfigError(f"held must be a step number >= 0 or None, got {step!r}")
+    return str(step)
+
+
 def _text(value: bytes) -> str:
     return value.decode()
 
@@ -378,12 +387,17 @@ class BatchStore:
         now: float | None = None,
         op_id: str | None = None,
         known: Mapping[str, bytes | memoryview] | None = None,
+        held: int | None = None,
     ) -> ClaimedStep | None:
         """Lease the next step: requeued steps first, else the cursor step. None when the run is finished.
 
         ``known``: payloads the caller already read, by ref (e.g. of the step it expects next, read before
         the claim: payloads are immutable, so an early read stays valid). The claim then returns its refs
         alone and reads only the payloads of the other refs.
+
+        ``held``: a step this consumer claimed ahead of its use. If it is still leased to ``consumer_id`` and
+        untouched (nothing moved into or out of it), it is given back first, as a lease expiry would (the
+        claim then takes it again, with what arrived meanwhile). ``postpone`` and ``prefetch`` take it too.
 
         Raises NeedsMaterialisation(step) if the cursor step has no batch yet, NoStepReady if only leased
         steps remain (they may still postpone rows or expire).
@@ -392,7 +406,7 @@ class BatchStore:
             raise ConfigError(f"lease_seconds must be > 0, got {lease_seconds!r}")
         now_ = self._now(now)
         expiry = now_ + float(lease_seconds)
-        args = (self._op(op_id), consumer_id, repr(now_), repr(expiry))
+        args = (self._op(op_id), consumer_id, repr(now_), repr(expiry), _held(held))
         if known:
             reply, payloads = self._script("CLAIM", *args, "0"), None
         else:
@@ -437,16 +451,18 @@ class BatchStore:
         *,
         now: float | None = None,
         op_id: str | None = None,
+        held: int | None = None,
     ) -> list[RowRef]:
         """Move rows of ``step`` to the end of ``arrivals:<target_step>`` as new versions with new payloads.
 
         Returns the new refs in order. RowsNotInStep if a ref is not in the step (nothing changes);
-        StepStateError if the target is not after ``step`` or was already claimed.
+        StepStateError if the target is not after ``step`` or was already claimed. ``held``: see
+        :meth:`claim` (given back only when the postpone goes through; it may then be the target).
         """
         self._check_step(target_step, "target_step")
         if target_step <= step:
             raise StepStateError(f"postpone target {target_step} must be after step {step}")
-        args: list[str] = [str(step), consumer_id, repr(self._now(now)), str(target_step)]
+        args: list[str] = [str(step), consumer_id, repr(self._now(now)), str(target_step), _held(held)]
         new_refs: list[RowRef] = []
         payloads: list[bytes] = []
         seen: set[str] = set()
@@ -474,15 +490,18 @@ class BatchStore:
         *,
         now: float | None = None,
         op_id: str | None = None,
+        held: int | None = None,
     ) -> PrefetchResult:
         """Take up to ``count`` fresh rows from the heads of steps step+1 .. last_source_step into ``step``.
 
-        Stops at the first unmaterialised source step and names it in ``needs_materialise``.
+        Stops at the first unmaterialised source step and names it in ``needs_materialise``. ``held``: see
+        :meth:`claim` (given back first, once the lease of ``step`` is checked).
         """
         if count < 0:
             raise ConfigError(f"prefetch count must be >= 0, got {count!r}")
         reply, payloads = self._read_after("PREFETCH", self._op(op_id), str(step), consumer_id,
-                                           repr(self._now(now)), str(count), str(last_source_step))
+                                           repr(self._now(now)), str(count), str(last_source_step),
+                                           _held(held))
         self._raise_for(reply, step)
         needs = int(reply[1])
         rows = self._rows(reply[2], (step, consumer_id), payloads)

@@ -228,17 +228,30 @@ end
 
 -- Return the rows of every in-flight step whose lease expired before now to where they came from, as far
 -- as is safe, and queue the step for a new claim. Returns the expired steps.
+local function expire_step(s)
+  local ctx = {ex = {}, extras = {}}
+  local entries = redis.call('LRANGE', P .. 'journal:' .. s, 0, -1)
+  for i = #entries, 1, -1 do undo_entry(s, split(entries[i]), ctx) end
+  redis.call('DEL', P .. 'journal:' .. s)
+  redis.call('ZADD', K_REQUEUE, s, s)
+end
+
 local function expire_due(now)
   local due = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', '(' .. now)
-  for _, sv in ipairs(due) do
-    local s = tonumber(sv)
-    local ctx = {ex = {}, extras = {}}
-    local entries = redis.call('LRANGE', P .. 'journal:' .. s, 0, -1)
-    for i = #entries, 1, -1 do undo_entry(s, split(entries[i]), ctx) end
-    redis.call('DEL', P .. 'journal:' .. s)
-    redis.call('ZADD', K_REQUEUE, s, s)
-  end
+  for _, sv in ipairs(due) do expire_step(tonumber(sv)) end
   return due
+end
+
+-- Whether step h (-1: none) is claimed ahead by consumer and untouched since: in flight, its lease held by
+-- consumer, nothing moved into or out of it (its journal holds the claim alone). Such a step is given back
+-- (expire_step: requeued, so it is claimed first again) by a move of another step (not s) that goes through,
+-- so that the move sees the store as if h had not been claimed (pr_loader.store.batch_store: ``held``).
+local function can_give_back(h, consumer, s)
+  if h < 0 or h == s then return false end
+  if redis.call('HGET', K_STEPS, h) ~= 'inflight' or redis.call('HGET', K_OWNERS, h) ~= consumer then
+    return false
+  end
+  return redis.call('LLEN', P .. 'journal:' .. h) == 1
 end
 """
 
@@ -286,7 +299,8 @@ return {'ok', 1}
 # s >= E*S are claimed only while some arrivals:<u>, u >= s, exist; empty ones are marked 'skipped').
 # Moves arrivals:<s> then batch:<s> into rows:<s> and journals them.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] consumer, ARGV[4] now, ARGV[5] lease expiry,
-# ARGV[6] the hand-over flag: '1' to leave the returned refs in xfer:<op_id>, '2' to also return them joined
+# ARGV[6] held: a step this consumer claimed ahead (-1: none), given back first if untouched (can_give_back),
+# ARGV[7] the hand-over flag: '1' to leave the returned refs in xfer:<op_id>, '2' to also return them joined
 # and with their payload sizes (see hand_over), else '0'.
 # Payloads are immutable, so the caller reads them (payload:<ref>) after the script: moving the bytes
 # through Lua costs several times a plain MGET.
@@ -302,8 +316,10 @@ if done_op then
     return {'lease_lost', 'claim of step ' .. s .. ' by ' .. consumer .. ' is no longer held'}
   end
   local refs = redis.call('LRANGE', P .. 'rows:' .. s, 0, -1)
-  return {'ok', s, redis.call('ZSCORE', K_LEASES, s), {}, hand_over(ARGV[6], ARGV[2], refs, true)}
+  return {'ok', s, redis.call('ZSCORE', K_LEASES, s), {}, hand_over(ARGV[7], ARGV[2], refs, true)}
 end
+local held = tonumber(ARGV[6])
+if can_give_back(held, consumer, -1) then expire_step(held) end
 local expired = expire_due(ARGV[4])
 local s
 local rq = redis.call('ZRANGE', K_REQUEUE, 0, 0)
@@ -351,7 +367,7 @@ redis.call('HSET', K_STEPS, s, 'inflight')
 redis.call('HSET', K_OWNERS, s, consumer)
 redis.call('ZADD', K_LEASES, ARGV[5], s)
 op_store(ARGV[2], s, s)
-return {'ok', s, ARGV[5], expired, hand_over(ARGV[6], ARGV[2], refs)}
+return {'ok', s, ARGV[5], expired, hand_over(ARGV[7], ARGV[2], refs)}
 """
 
 # RENEW: extend the lease of a step held by consumer.
@@ -418,15 +434,16 @@ return {'ok'}
 
 # POSTPONE: move rows of a leased step into arrivals:<target> as new versions with new payloads.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now,
-# ARGV[6] target, ARGV[7..n-1] old ref, new ref pairs (the new payload of pair i was staged at
-# stage:<op_id>:<i>), ARGV[n] '1' when the stages carry a TTL, else '0' (see MATERIALISE).
-# Staged payloads are adopted on success and dropped on refusal or replay.
+# ARGV[6] target, ARGV[7] held (see CLAIM: given back when the postpone goes through), ARGV[8..n-1] old ref,
+# new ref pairs (the new payload of pair i was staged at stage:<op_id>:<i>), ARGV[n] '1' when the stages
+# carry a TTL, else '0' (see MATERIALISE). Staged payloads are adopted on success and dropped on refusal or
+# replay.
 # Returns {'ok'} | {'state', msg} | {'lease_lost', msg} | {'target', msg} | {'missing', refs} |
 # {'restage'} (a staged payload is missing; the others are dropped, nothing else changed).
 POSTPONE = _LIB + r"""
 local op_id, s, t = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[6])
 local last = #ARGV - 1
-local n = (last - 6) / 2
+local n = (last - 7) / 2
 local function refuse(reply)
   drop_staged(op_id, n)
   return reply
@@ -434,8 +451,11 @@ end
 if op_result(op_id) then return refuse({'ok'}) end
 local err = check_lease(s, ARGV[4], ARGV[5])
 if err then return refuse(err) end
+local held = tonumber(ARGV[7])
+local give = can_give_back(held, ARGV[4], s)
 -- every claimed step is below the cursor and not requeued, so this also refuses claimed targets
-if t <= s or (t < meta_num('next_step') and not redis.call('ZSCORE', K_REQUEUE, t)) then
+local passed = t < meta_num('next_step') and not redis.call('ZSCORE', K_REQUEUE, t)
+if t <= s or (passed and not (give and t == held)) then
   return refuse({'target', 'target step ' .. t .. ' was already claimed or passed'})
 end
 if not all_staged(op_id, n) then return refuse({'restage'}) end
@@ -444,7 +464,7 @@ if not all_staged(op_id, n) then return refuse({'restage'}) end
 local rk, kept = P .. 'rows:' .. s, P .. 'rows:' .. s .. ':kept'
 local copied = redis.call('COPY', rk, kept, 'REPLACE') == 1  -- (no rows:<s>, no copy: nothing to remove)
 local missing = {}
-for i = 7, last, 2 do
+for i = 8, last, 2 do
   if redis.call('LREM', rk, 1, ARGV[i]) == 0 then missing[#missing + 1] = ARGV[i] end
 end
 if #missing > 0 then
@@ -452,8 +472,9 @@ if #missing > 0 then
   return refuse({'missing', missing})
 end
 if copied then redis.call('DEL', kept) end
+if give then expire_step(held) end
 local news, words = {}, {t}
-for i = 7, last, 2 do
+for i = 8, last, 2 do
   news[#news + 1] = ARGV[i + 1]
   words[#words + 1] = ARGV[i]
   words[#words + 1] = ARGV[i + 1]
@@ -469,7 +490,8 @@ return {'ok'}
 # PREFETCH: pop up to count fresh refs from batch:<t>, t = step+1 .. last_source (nearest first, skipping
 # claimed and drain steps), append them to rows:<step>; stop at the first unmaterialised t.
 # KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id, ARGV[3] step, ARGV[4] consumer, ARGV[5] now, ARGV[6] count,
-# ARGV[7] last_source, ARGV[8] the hand-over flag ('0', '1' or '2': see CLAIM's ARGV[6] and hand_over).
+# ARGV[7] last_source, ARGV[8] held (see CLAIM: given back first), ARGV[9] the hand-over flag ('0', '1' or
+# '2': see CLAIM's ARGV[7] and hand_over).
 # Returns {'ok', needs_materialise (-1 if none), refs (flag '2': joined, then sizes)} | {'state', msg} |
 # {'lease_lost', msg}.
 PREFETCH = _LIB + r"""
@@ -478,11 +500,13 @@ if done_op then
   local w = split(done_op)
   local refs = {}
   for i = 2, #w do refs[#refs + 1] = w[i] end
-  return {'ok', tonumber(w[1]), hand_over(ARGV[8], ARGV[2], refs, true)}
+  return {'ok', tonumber(w[1]), hand_over(ARGV[9], ARGV[2], refs, true)}
 end
 local s, want = tonumber(ARGV[3]), tonumber(ARGV[6])
 local err = check_lease(s, ARGV[4], ARGV[5])
 if err then return err end
+local held = tonumber(ARGV[8])
+if can_give_back(held, ARGV[4], s) then expire_step(held) end
 local total = total_steps()
 local got, needs = {}, -1
 for t = s + 1, tonumber(ARGV[7]) do
@@ -508,7 +532,7 @@ push_all('RPUSH', P .. 'rows:' .. s, got)
 local stored = {needs}
 for _, r in ipairs(got) do stored[#stored + 1] = r end
 op_store(ARGV[2], table.concat(stored, ' '), s)
-return {'ok', needs, hand_over(ARGV[8], ARGV[2], got)}
+return {'ok', needs, hand_over(ARGV[9], ARGV[2], got)}
 """
 
 # DEAD_LETTER: remove a ref from an in-flight step, append a dead-letter record (the caller put the payload

@@ -97,15 +97,24 @@ class Model:
             self.owners.pop(s, None)
             self.leases.pop(s, None)
 
+    def _expire_step(self, s: int) -> None:
+        ctx = _Undo()
+        for entry in reversed(self.journal.pop(s, [])):
+            self._undo(s, entry, ctx)
+        self.requeue.add(s)
+
     def expire(self, now: float) -> list[int]:
         due = sorted((exp, str(s)) for s, exp in self.leases.items() if exp < now)
         for _, sv in due:
-            s = int(sv)
-            ctx = _Undo()
-            for entry in reversed(self.journal.pop(s, [])):
-                self._undo(s, entry, ctx)
-            self.requeue.add(s)
+            self._expire_step(int(sv))
         return [int(sv) for _, sv in due]
+
+    def _can_give_back(self, held: int | None, consumer: str, s: int) -> bool:
+        """``held`` is a step claimed ahead by consumer, untouched since (its journal: the claim alone)."""
+        return (
+            held is not None and held != s and self.steps.get(held) == "inflight"
+            and self.owners.get(held) == consumer and len(self.journal.get(held, [])) == 1
+        )  # fmt: skip
 
     # -- operations -------------------------------------------------------------------------------
 
@@ -118,7 +127,12 @@ class Model:
         self.materialised.add(s)
         return True
 
-    def claim(self, consumer: str, lease: float, now: float) -> tuple[int, list[str]] | None:
+    def claim(
+        self, consumer: str, lease: float, now: float, held: int | None = None
+    ) -> tuple[int, list[str]] | None:
+        if self._can_give_back(held, consumer, -1):
+            assert held is not None
+            self._expire_step(held)
         self.expire(now)
         if self.requeue:
             s = min(self.requeue)
@@ -174,7 +188,8 @@ class Model:
             self.gc_floor += 1
 
     def postpone(
-        self, s: int, consumer: str, moves: list[tuple[str, str, bytes]], t: int, now: float
+        self, s: int, consumer: str, moves: list[tuple[str, str, bytes]], t: int, now: float,
+        held: int | None = None,
     ) -> None:
         if t <= s:
             raise StepStateError(t)
@@ -183,10 +198,14 @@ class Model:
         if not moves:
             return
         self._check_lease(s, consumer, now)
-        if t < self.next_step and t not in self.requeue:
+        give = self._can_give_back(held, consumer, s)
+        if t < self.next_step and t not in self.requeue and not (give and t == held):
             raise StepStateError(t)
         if any(old not in self.rows[s] for old, _, _ in moves):
             raise RowsNotInStep(s)
+        if give:
+            assert held is not None
+            self._expire_step(held)
         for old, new, payload in moves:
             self.rows[s].remove(old)
             self.payloads[new] = payload
@@ -195,9 +214,12 @@ class Model:
         self.max_target = t if self.max_target is None else max(self.max_target, t)
 
     def prefetch(
-        self, s: int, consumer: str, count: int, last: int, now: float
+        self, s: int, consumer: str, count: int, last: int, now: float, held: int | None = None
     ) -> tuple[list[str], int | None]:
         self._check_lease(s, consumer, now)
+        if self._can_give_back(held, consumer, s):
+            assert held is not None
+            self._expire_step(held)
         got: list[str] = []
         needs = None
         for t in range(s + 1, last + 1):

@@ -22,6 +22,7 @@ B, S, E, RETAIN = 3, 3, 2, 2
 CONSUMERS = ("a", "b")
 MOSTLY = st.integers(0, 5).map(bool)  # True 5 times in 6
 RARELY = st.integers(0, 5).map(lambda n: n == 0)
+HELD = st.one_of(st.none(), st.integers(0, 100))  # a step named as claimed ahead (None: none)
 
 
 def payload(ref: str, tag: str = "") -> bytes:
@@ -111,11 +112,18 @@ class StoreMachine(RuleBasedStateMachine):
     def materialise_step(self, step: int) -> None:
         self.materialise(step)
 
-    @rule(consumer=st.sampled_from(CONSUMERS), lease=st.sampled_from([5.0, 50.0]))
-    def claim(self, consumer: str, lease: float) -> None:
+    def held(self, idx: int | None) -> int | None:
+        """A step named as claimed ahead: None, or one in flight (of any consumer, touched or not)."""
+        return None if idx is None else self.in_flight(idx)
+
+    @rule(consumer=st.sampled_from(CONSUMERS), lease=st.sampled_from([5.0, 50.0]), ahead=HELD)
+    def claim(self, consumer: str, lease: float, ahead: int | None) -> None:
         op = self.op()
-        got, expected = self.both(lambda: self.store.claim(consumer, lease, now=self.now, op_id=op),
-                                  lambda: self.model.claim(consumer, lease, self.now))
+        held = self.held(ahead)
+        got, expected = self.both(
+            lambda: self.store.claim(consumer, lease, now=self.now, op_id=op, held=held),
+            lambda: self.model.claim(consumer, lease, self.now, held),
+        )
         if isinstance(expected, PrLoaderError):
             return
         if expected is None:
@@ -127,16 +135,18 @@ class StoreMachine(RuleBasedStateMachine):
         again = self.store.claim(consumer, lease, now=self.now, op_id=op)
         assert again == got and store_dump(self.client, self.store) == before
 
-    @rule(idx=st.integers(0, 100), count=st.integers(0, 4), reach=st.integers(1, 4), owner=MOSTLY)
-    def prefetch(self, idx: int, count: int, reach: int, owner: bool) -> None:
+    @rule(idx=st.integers(0, 100), count=st.integers(0, 4), reach=st.integers(1, 4), owner=MOSTLY,
+          ahead=HELD)
+    def prefetch(self, idx: int, count: int, reach: int, owner: bool, ahead: int | None) -> None:
         s = self.in_flight(idx)
         if s is None:
             return
         consumer = self.model.owners[s] if owner else "intruder"
         op = self.op()
+        held = self.held(ahead)
         got, expected = self.both(
-            lambda: self.store.prefetch(s, consumer, count, s + reach, now=self.now, op_id=op),
-            lambda: self.model.prefetch(s, consumer, count, s + reach, self.now),
+            lambda: self.store.prefetch(s, consumer, count, s + reach, now=self.now, op_id=op, held=held),
+            lambda: self.model.prefetch(s, consumer, count, s + reach, self.now, held),
         )
         if isinstance(expected, PrLoaderError):
             return
@@ -145,8 +155,8 @@ class StoreMachine(RuleBasedStateMachine):
         assert again == got
 
     @rule(idx=st.integers(0, 100), mask=st.integers(1, 255), dist=st.integers(1, 4), far=RARELY,
-          stranger=RARELY)
-    def postpone(self, idx: int, mask: int, dist: int, far: bool, stranger: bool) -> None:
+          stranger=RARELY, ahead=HELD)
+    def postpone(self, idx: int, mask: int, dist: int, far: bool, stranger: bool, ahead: int | None) -> None:
         s = self.in_flight(idx)
         if s is None:
             return
@@ -161,10 +171,11 @@ class StoreMachine(RuleBasedStateMachine):
             moves.append((ref, new, payload(new, "~")))
         op = self.op()
         consumer = self.model.owners[s]
+        held = self.held(ahead)
         got, expected = self.both(
             lambda: self.store.postpone(s, consumer, [(RowRef.parse(o), p) for o, _, p in moves], target,
-                                        now=self.now, op_id=op),
-            lambda: self.model.postpone(s, consumer, moves, target, self.now),
+                                        now=self.now, op_id=op, held=held),
+            lambda: self.model.postpone(s, consumer, moves, target, self.now, held),
         )
         if not isinstance(expected, PrLoaderError):
             assert [r.encode() for r in got] == [n for _, n, _ in moves]
