@@ -7,12 +7,12 @@ sampler objects (:mod:`pr_loader.plan`) and stored in Redis; steps are materiali
 (``dataset[i]`` -> codec -> Redis), claimed, decoded and collated with the user's ``collate_fn``. Background
 threads work ahead: with ``FixedBatch`` steps k + 1 and k + 2 are claimed, k + 1 is decoded and collated
 and k + 3 materialised while the caller works on step k (an error of a later step is raised at that step's
-turn); with a postponing policy step k + 1 is materialised and its rows as they are then are read, decoded
-and built into its view ahead, again after each postpone or prefetch of step k, but it is claimed only when
-asked for (its rows are final only then, so rows postponed into it while the caller works still arrive
-there), or once the caller commits step k's view: the claim hands the view built ahead out if it holds
-exactly its rows. With the in-process fakeredis
-store everything runs inline (its Lua runtime is not thread-safe).
+turn); with a postponing policy step k + 1 is materialised, its rows as they are then are read, decoded and
+built into its view, and (linked views) it is claimed, again after each postpone or prefetch of step k:
+such a move names the step claimed ahead, and the store gives it back first (``BatchStore.postpone``'s
+``held``), so rows postponed into it still arrive there and the step gets exactly the rows a claim at
+``next()`` would. ``next()`` hands out the step claimed ahead if no move came after its claim, else claims
+it then. With the in-process fakeredis store everything runs inline (its Lua runtime is not thread-safe).
 
 Commit points: a step is committed when the next one is requested (``next()``, the end of the epoch, or a
 new ``iter()`` of the same loader), or when :meth:`DataLoader.state_dict` is called. ``next()`` sends that

@@ -455,18 +455,23 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         store.expire_leases(now=now)
 
     def claim_steps(
-        self, epoch: int, known: Mapping[str, bytes | memoryview] | None = None
+        self,
+        epoch: int,
+        known: Mapping[str, bytes | memoryview] | None = None,
+        held: Callable[[], int | None] | None = None,
     ) -> Iterator[ClaimedStep]:
         """Claim the steps of ``epoch`` (and requeued older ones) until the epoch is exhausted; ``known``
-        (read at each claim): payloads already read, by ref (see :meth:`BatchStore.claim`)."""
+        (read at each claim): payloads already read, by ref; ``held`` (called at each claim): the step
+        claimed ahead that the claim names (see :meth:`BatchStore.claim`)."""
         shard = self.shard()
         epoch_end = (epoch + 1) * self.steps_per_epoch
         last = -1
         while True:
-            if last == epoch_end - 1 and self._epoch_exhausted(epoch_end):
+            ahead = None if held is None else held()
+            if last == epoch_end - 1 and ahead is None and self._epoch_exhausted(epoch_end):
                 return  # a claim would take (and fetch the rows of) the next epoch's first step
             try:
-                claimed = shard.store.claim(self.consumer_id, self.lease_seconds, known=known)
+                claimed = shard.store.claim(self.consumer_id, self.lease_seconds, known=known, held=ahead)
             except NeedsMaterialisation as need:
                 if need.step >= epoch_end:
                     return

@@ -13,10 +13,12 @@ own values under those names are overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -68,8 +70,11 @@ class StepSession:
     number when prefetch (or a ``next`` peek) meets a regular step that is not materialised yet.
     ``clock`` supplies the ``now`` of store calls (``None``: the store's ``time.time()``). A ``read_only``
     session (the one of a :attr:`LinkedDataProto.next` peek) refuses every mutation. ``rows_moved`` is
-    called after a postpone or prefetch went through (the loader then reads the next step ahead again),
-    ``committed`` after a commit through the view went through (the loader then claims the next step).
+    called after a postpone or prefetch went through (the loader then reads and claims the next step ahead
+    again), ``committed`` after a commit through the view went through (the loader waits for its fsync
+    there). ``hold`` (the loader's, when it claims the next step ahead) is entered around each postpone and
+    prefetch and gives the step held ahead, which the store call names so that it is given back first
+    (``BatchStore.postpone``'s ``held``).
     """
 
     store: BatchStore
@@ -84,6 +89,7 @@ class StepSession:
     clock: Callable[[], float] | None = None
     rows_moved: Callable[[], None] | None = None
     committed: Callable[[], None] | None = None
+    hold: Callable[[], AbstractContextManager[int | None]] | None = None
     layout: RunLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -139,7 +145,9 @@ class StepSession:
         self.check_writable("postpone")
         for _ in range(_TARGET_ATTEMPTS):
             try:
-                self.store.postpone(self.step, self.consumer_id, rows, target_step, now=self.now())
+                with self._held() as held:
+                    self.store.postpone(self.step, self.consumer_id, rows, target_step, now=self.now(),
+                                        held=held)  # fmt: skip
                 self._moved()
                 return target_step
             except StepStateError:
@@ -181,10 +189,15 @@ class StepSession:
     def prefetch(self, count: int, last_source_step: int) -> PrefetchResult:
         """``BatchStore.prefetch`` for this step (one call; the view loops and materialises)."""
         self.check_writable("prefetch")
-        result = self.store.prefetch(self.step, self.consumer_id, count, last_source_step, now=self.now())
-        if result.rows:
+        with self._held() as held:
+            result = self.store.prefetch(self.step, self.consumer_id, count, last_source_step,
+                                         now=self.now(), held=held)  # fmt: skip
+        if result.rows or held is not None:  # (a step held ahead was given back even if nothing came)
             self._moved()
         return result
+
+    def _held(self) -> AbstractContextManager[int | None]:
+        return contextlib.nullcontext() if self.hold is None else self.hold()
 
     def _moved(self) -> None:
         if self.rows_moved is not None:
@@ -510,9 +523,8 @@ class LinkedDataProto(DataProto):
         return self._next
 
     def commit(self) -> None:
-        """Commit this step (normally done by the loader when the next step is asked for). Committed after
-        its last postpone or prefetch, before the training on it, a step lets a loader under a postponing
-        policy claim the next step at once (nothing can move into it any more), so that ``next()`` waits
-        for nothing; but a process that dies before its next checkpoint then no longer gets this step back
-        on a restart without ``load_state_dict`` (a restore from the checkpoint still does)."""
+        """Commit this step (normally done by the loader when the next step is asked for): its rows are
+        delivered for good, and it can move no rows any more. A step committed before the training on it is
+        not delivered again to a process that dies before its next checkpoint and restarts without
+        ``load_state_dict`` (a restore from the checkpoint still replays it)."""
         self._require_session("commit").commit()

@@ -1,13 +1,16 @@
 """One epoch of a :class:`pr_loader.DataLoader` (internal): where steps come from (the claim-ahead pipeline
-for ``FixedBatch``, claims on request for postponing policies, worker processes), the commit points, and the
-background threads (:mod:`pr_loader.background`). :mod:`pr_loader.dataloader`'s docstring has the user's view.
+for ``FixedBatch``, reads and claims ahead that moves give back for postponing policies, worker processes),
+the commit points, and the background threads (:mod:`pr_loader.background`). :mod:`pr_loader.dataloader`'s
+docstring has the user's view.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +36,17 @@ def stop_workers(iterator: object) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if callable(shutdown):
         shutdown()
+
+
+@dataclass
+class ClaimAhead:
+    """A claim made ahead of ``next()`` (see :meth:`LoaderIter._claim_ahead`): valid while ``generation`` is
+    current (no move since it was sent); ``error`` is raised at ``next()`` in any case."""
+
+    generation: int
+    claimed: ClaimedStep | None = None
+    item: Any = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -69,8 +83,8 @@ class LoaderIter:
         self.worker_iter: Iterator[tuple[int, Any]] | None = None
         threaded = not source.in_process()
         # Threads (the loader's, kept from epoch to epoch): claim, materialise ahead, commit, build (decode +
-        # collate; postponing policies: the reads ahead); see _claimed_ahead, commit_pending and
-        # _claim_on_request for what each gains (measured).
+        # collate; postponing policies: the reads and claims ahead); see _claimed_ahead, commit_pending and
+        # _steps_read_ahead for what each gains (measured).
         self.pools: list[ThreadPoolExecutor | None] = (
             [*loader._thread_pools()] if threaded else [None, None, None, None]
         )
@@ -80,18 +94,22 @@ class LoaderIter:
         self.deferred: DeferredCommit | None = None  # the due commit, for the next claim ahead to send
         self.commit_with_claim = False
         self.read: ReadAhead | None = None  # postponing policies: the next step, read ahead (_read_ahead)
-        self.reads: list[Background] = []
+        self.reads: list[Background] = []  # (the reads ahead and claims ahead queued on the build thread)
         self.read_generation = 0
         self.read_step = -1  # the step the reads ahead are for
-        self.early: Background | None = None  # the claim of read_step, started by a commit of its predecessor
+        # linked views on threads: the next step is claimed ahead (_claim_ahead); held is the step claimed
+        # ahead last and not handed out, named to every claim and move (under claim_lock) so they give it back
+        self.claim_lock = threading.Lock()
+        self.held: int | None = None
+        self.claimed: ClaimAhead | None = None
         self.steps: Iterator[tuple[int, Any]]
         if loader.num_workers > 0:
             self.steps = self._ordered(self._from_workers())
         elif isinstance(source.policy, FixedBatch):  # nothing moves between steps: claim ahead
             self.steps = self._claimed_ahead()
             self.commit_with_claim = threaded
-        else:  # a step's rows are known only when it is claimed: materialise ahead, claim on request
-            self.steps = self._claim_on_request()
+        else:  # rows move into the next step until the current one is done: read and claim it ahead again
+            self.steps = self._steps_read_ahead()
         self.heartbeat = Heartbeat(source, threaded)
 
     def __iter__(self) -> LoaderIter:
@@ -186,35 +204,41 @@ class LoaderIter:
         except Exception:
             logger.debug("materialising step %d ahead failed; the claim will retry", step, exc_info=True)
 
-    def _claim_on_request(self) -> Iterator[tuple[int, Any]]:
-        """Partial policies: claim when asked (rows may be postponed into the step until then), or as soon as
-        the caller commits the step's predecessor through its view (then nothing can move into it any more:
-        `_view_committed`). Meanwhile the build thread materialises the next step, reads its rows as they
-        are then, decodes them and (linked views) builds its view from them (:meth:`_read_ahead`), and again
-        after each postpone or prefetch of the current step. The claim reads only the payloads of rows that
-        came since; if it holds exactly the rows read ahead, their view is handed out as built, else the
-        build takes the samples decoded."""
+    def _steps_read_ahead(self) -> Iterator[tuple[int, Any]]:
+        """Partial policies: while the caller works on a step, the build thread materialises the next one,
+        reads its rows as they are then, decodes them, builds their view (linked views: :meth:`_read_ahead`)
+        and claims it (:meth:`_claim_ahead`), and again after each postpone or prefetch of the current step
+        (which gives the step claimed ahead back: rows moved into it must arrive there). ``next()`` hands
+        out the step claimed ahead if no move came after its claim; else it claims the step itself, reading
+        only the payloads of rows that came since the read ahead. A claim that holds exactly the rows read
+        ahead takes their view as built, else the build takes the samples decoded."""
         payloads: dict[str, bytes | memoryview] = {}
-        claims = self.source.claim_steps(self.epoch, payloads)
+        claims = self.source.claim_steps(self.epoch, payloads, held=lambda: self.held)
         while True:
-            early, self.early = self.early, None
-            if early is not None:  # (claimed on the build thread, after the reads queued before it)
-                claimed, item = early.wait()
-            else:
-                self._stop_reads()
-                claimed = next(claims, None)
+            current = self.read_generation
+            self._stop_reads()
+            ahead, self.claimed = self.claimed, None
+            if ahead is not None and ahead.error is not None:
+                raise ahead.error
+            if ahead is not None and ahead.generation == current:
+                claimed, item = ahead.claimed, ahead.item
+            else:  # (a step claimed ahead that a move may have given back is named: the claim gives it back)
+                with self.claim_lock:
+                    claimed = next(claims, None)
                 item = None if claimed is None else self._adopt(claimed, self.read)
+            with self.claim_lock:
+                self.held = None  # (handed out: from now on a move of it must not give it back)
             if claimed is None:
                 return
             following = claimed.step + 1
             self.read_step = following if self.in_epoch(following) else -1
             if self.read_step >= 0:  # (its first read drops this one's rows, on its thread: ~0.5 ms)
-                self._start_read(following, payloads, first=True)
-                if self.source.linked and self.build_pool is not None:
-                    item.session.rows_moved = functools.partial(self._start_read, following, payloads)
-                    item.session.committed = functools.partial(
-                        self._view_committed, following, claims, item.session.committed
+                self._start_read(following, payloads, first=True, claims=claims)
+                if self.claims_ahead:
+                    item.session.rows_moved = functools.partial(
+                        self._start_read, following, payloads, claims=claims
                     )
+                    item.session.hold = self._holding
             else:
                 self.read = None
                 payloads.clear()
@@ -222,25 +246,36 @@ class LoaderIter:
             del claimed, item  # (see _claimed_ahead; and the claimed rows' receive buffer)
             yield box.pop()
 
-    def _view_committed(
-        self, step: int, claims: Iterator[ClaimedStep], durable: Callable[[], None] | None
-    ) -> None:
-        """The caller committed the step before ``step`` through its view: wait for its fsync (``durable``,
-        the session's own hook: on this thread, before another thread takes the connection), then claim
-        ``step`` now, on the build thread once the reads ahead queued before are done (``next()`` then waits
-        for nothing)."""
-        if durable is not None:
-            durable()
-        if step != self.read_step or self.early is not None:  # (a view kept from an earlier step)
+    @property
+    def claims_ahead(self) -> bool:
+        """Whether the next step is claimed ahead: linked views (their moves name the step held ahead) on
+        threads (in-process, everything runs inline: nothing to overlap)."""
+        return self.source.linked and self.build_pool is not None
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[int | None]:
+        """For a move of the step handed out (``StepSession.hold``): no claim ahead runs meanwhile, and the
+        move names the step held ahead, which it gives back if it goes through (then ``rows_moved``)."""
+        with self.claim_lock:
+            yield self.held
+
+    def _claim_ahead(self, claims: Iterator[ClaimedStep], generation: int) -> None:
+        """Claim the next step now, on the build thread after the read ahead queued with it, unless a move
+        came since (a later read and claim are queued then). Moves of the step handed out give the step
+        claimed here back (they name it: ``_holding``), so it is claimed with exactly the rows a claim at
+        ``next()`` would get; ``next()`` hands it out if no move came after it (its ``generation``)."""
+        if generation != self.read_generation:
             return
-
-        def claim() -> tuple[ClaimedStep | None, Any]:
-            self._stop_reads()  # (done: they ran before this task; a materialisation's error is raised)
-            claimed = next(claims, None)
-            return claimed, None if claimed is None else self._adopt(claimed, self.read)
-
-        self.early = Background(self.build_pool)
-        self.early.start(claim)
+        ahead = ClaimAhead(generation)
+        try:
+            with self.claim_lock:
+                ahead.claimed = next(claims, None)
+                self.held = None if ahead.claimed is None else ahead.claimed.step
+            if ahead.claimed is not None:
+                ahead.item = self._adopt(ahead.claimed, self.read)
+        except BaseException as exc:  # (the claims generator is done: next() raises this)
+            ahead.error = exc
+        self.claimed = ahead
 
     def _adopt(self, claimed: ClaimedStep, read: ReadAhead | None) -> Any:
         """The view built ahead if ``claimed`` holds exactly its rows, in order; else the build of
@@ -255,15 +290,27 @@ class LoaderIter:
             return read.view
         return self.source.build(claimed, None if read is None else read.samples)
 
-    def _start_read(self, step: int, payloads: dict[str, bytes | memoryview], *, first: bool = False) -> None:
-        """Queue a read ahead of ``step`` (see :meth:`_read_ahead`); a later one supersedes it. A move of a
-        step handed out before (its view kept by the caller) reads nothing: its successor is claimed."""
+    def _start_read(
+        self,
+        step: int,
+        payloads: dict[str, bytes | memoryview],
+        *,
+        first: bool = False,
+        claims: Iterator[ClaimedStep],
+    ) -> None:
+        """Queue a read ahead of ``step`` (see :meth:`_read_ahead`) and, with :attr:`claims_ahead`, its claim
+        (:meth:`_claim_ahead`); a later one supersedes them. A move of a step handed out before (its view
+        kept by the caller) reads nothing: its successor is claimed."""
         if step != self.read_step:
             return
         self.read_generation += 1
         task = Background(self.build_pool)
         task.start(self._read_ahead, step, payloads, self.read_generation, first)
         self.reads.append(task)
+        if self.claims_ahead:
+            claim = Background(self.build_pool)
+            claim.start(self._claim_ahead, claims, self.read_generation)
+            self.reads.append(claim)
 
     def _stop_reads(self) -> None:
         """Let the reads ahead know the claim came and wait for them (raising a materialisation's error:

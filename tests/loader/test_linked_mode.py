@@ -114,14 +114,16 @@ def _partial_trace(
     return trace
 
 
-def test_postponing_policy_reads_the_next_step_ahead(
+def test_postponing_policy_reads_and_claims_the_next_step_ahead(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While the caller works on a step, its successor's rows are read, decoded and built into its view
-    ahead, and read again after each postpone; the claim then reads no payload and hands that view out. The
-    views are those of a loader that reads nothing ahead (the in-process store runs inline and does not),
-    also when the caller asks for the next step at once (reads ahead cut short)."""
+    """While the caller works on a step, its successor's rows are read, decoded, built into its view and
+    claimed ahead, again after each postpone (which gives the step claimed ahead back); ``next()`` then
+    hands that view out without a claim of its own. The views are those of a loader that reads and claims
+    nothing ahead (the in-process store runs inline and does not), also when the caller asks for the next
+    step at once (reads and claims ahead cut short) and when it commits each view after its postpone."""
     import queue
+    import threading
 
     from pr_loader import loader_iter
     from pr_loader.policy import PostponeToNext
@@ -135,20 +137,27 @@ def test_postponing_policy_reads_the_next_step_ahead(
 
     reads: queue.Queue[str] = queue.Queue()
     read_ahead = loader_iter.LoaderIter._read_ahead
+    claim_ahead = loader_iter.LoaderIter._claim_ahead
     claim = BatchStore.claim
     adopt_claim = LinkedDataProto.adopt_claim
-    given: dict[int, tuple[int, int]] = {}  # step -> (rows whose payloads the claim was given, rows)
+    given: dict[int, tuple[int, int]] = {}  # step -> (rows whose payloads its last claim was given, rows)
+    on_caller: dict[int, bool] = {}  # step -> whether its last claim ran on the caller's thread
     adopted: list[int] = []
 
     def spied_read_ahead(self: Any, step: int, payloads: Any, generation: int, first: bool) -> None:
         read_ahead(self, step, payloads, generation, first)
         reads.put("read" if first else "moved")
 
+    def spied_claim_ahead(self: Any, claims: Any, generation: int) -> None:
+        claim_ahead(self, claims, generation)
+        reads.put("claimed")
+
     def spied_claim(self: BatchStore, *args: Any, known: Any = None, **kwargs: Any) -> Any:
         claimed = claim(self, *args, known=known, **kwargs)
         if claimed is not None:
             known_rows = sum(row.ref_text in (known or {}) for row in claimed.rows)
             given[claimed.step] = (known_rows, len(claimed.rows))
+            on_caller[claimed.step] = threading.current_thread() is threading.main_thread()
         return claimed
 
     def spied_adopt(self: LinkedDataProto, claimed: Any) -> None:
@@ -157,19 +166,25 @@ def test_postponing_policy_reads_the_next_step_ahead(
 
     def settle(what: str) -> None:
         assert reads.get(timeout=10) == what
+        assert reads.get(timeout=10) == "claimed"
 
     monkeypatch.setattr(loader_iter.LoaderIter, "_read_ahead", spied_read_ahead)
+    monkeypatch.setattr(loader_iter.LoaderIter, "_claim_ahead", spied_claim_ahead)
     monkeypatch.setattr(BatchStore, "claim", spied_claim)
     monkeypatch.setattr(LinkedDataProto, "adopt_claim", spied_adopt)
     with_ahead = _partial_trace(make(redis_server.url), settle)
-    # a step read ahead (not an epoch's first) was given every row, postponed ones too, and handed out built
-    later = sorted(step for step in given if step % 4)
-    assert later == adopted == [1, 2, 3, 5, 6, 7]  # (two epochs of four steps)
+    # a step read ahead (not an epoch's first) was claimed ahead (before and after the postpone) with every
+    # row's payload, postponed ones too, took its view as built, and was handed out without another claim
+    later = [1, 2, 3, 5, 6, 7]  # (two epochs of four steps)
+    assert sorted(step for step in given if step % 4) == later
+    assert sorted(adopted) == sorted(later * 2)
     assert all(given[step][0] == given[step][1] > 0 for step in later), given
+    assert on_caller == {s: not s % 4 for s in range(8)}, on_caller
     assert given[0][0] == given[4][0] == 0, given
     unsettled = _partial_trace(make(redis_server.url))
+    committed = _partial_trace(make(redis_server.url), commit=True)
     monkeypatch.undo()
-    assert with_ahead == unsettled == _partial_trace(make(FAKE_URL))
+    assert with_ahead == unsettled == committed == _partial_trace(make(FAKE_URL))
     assert any(partial for _, _, partial in with_ahead if any(p is not None for p in partial))
 
 
@@ -188,73 +203,41 @@ def test_a_move_of_an_earlier_step_reads_nothing_ahead(redis_server: RedisServer
     first.session.rows_moved()
     assert len(it.reads) == queued
     second.session.rows_moved()
-    assert len(it.reads) == queued + 1
+    assert len(it.reads) == queued + 2  # (a read and a claim ahead)
     loader.close()
 
 
-def test_a_view_committed_by_its_caller_lets_the_next_step_be_claimed_at_once(
+def test_a_claim_aheads_error_comes_at_next(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Committed through its view (after its last move), a step's successor is claimed on the loader's
-    thread before the caller asks for it, and handed out as built ahead: the same views as a loader that
-    claims on request."""
+    """The claim ahead runs in the background: its error is raised by the next ``next()``."""
     import threading
+    import time
 
-    from pr_loader.policy import PostponeToNext
-    from pr_loader.store import BatchStore
-
-    def make(url: str) -> prl.DataLoader:
-        return prl.DataLoader(
-            DATA, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(5), redis_url=url,
-            linked=True, policy=PostponeToNext(max_postpones=2), run_id=f"early-{uuid.uuid4().hex}",
-        )  # fmt: skip
-
-    claim = BatchStore.claim
-    threads: dict[int, str] = {}  # step -> the thread that claimed it
-
-    def spied_claim(self: BatchStore, *args: Any, **kwargs: Any) -> Any:
-        claimed = claim(self, *args, **kwargs)
-        if claimed is not None:
-            threads[claimed.step] = threading.current_thread().name
-        return claimed
-
-    monkeypatch.setattr(BatchStore, "claim", spied_claim)
-    early = _partial_trace(make(redis_server.url), commit=True)
-    # an epoch's first step is claimed on request; every other one by the build thread
-    assert {s: name.startswith("pr_loader-build") for s, name in threads.items()} == {
-        s: bool(s % 4) for s in range(8)
-    }, threads
-    monkeypatch.undo()
-    assert early == _partial_trace(make(FAKE_URL), commit=True) == _partial_trace(make(FAKE_URL))
-
-
-def test_an_early_claims_error_comes_at_next(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The claim a view's commit starts runs in the background: its error is raised by the next
-    ``next()``, not by ``commit()``."""
     from pr_loader.errors import StoreError
     from pr_loader.policy import PostponeToNext
     from pr_loader.store import BatchStore
 
+    claim = BatchStore.claim
+    callers: list[bool] = []  # whether each claim ran on the caller's thread
+
+    def refused_ahead(self: BatchStore, *args: Any, **kwargs: Any) -> Any:
+        callers.append(threading.current_thread() is threading.main_thread())
+        if not callers[-1]:
+            raise StoreError("claim refused")
+        return claim(self, *args, **kwargs)
+
+    monkeypatch.setattr(BatchStore, "claim", refused_ahead)
     loader = prl.DataLoader(DATA, batch_size=5, redis_url=redis_server.url, linked=True,
-                            policy=PostponeToNext(), run_id=f"early-error-{uuid.uuid4().hex}")  # fmt: skip
+                            policy=PostponeToNext(), run_id=f"ahead-error-{uuid.uuid4().hex}")  # fmt: skip
     it = iter(loader)
-    view = next(it)
-
-    import threading
-
-    callers: list[str] = []
-
-    def refused(self: BatchStore, *args: Any, **kwargs: Any) -> Any:
-        callers.append(threading.current_thread().name)
-        raise StoreError("claim refused")
-
-    monkeypatch.setattr(BatchStore, "claim", refused)
-    view.commit()
+    next(it)
+    deadline = time.monotonic() + 10
+    while it.claimed is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     with pytest.raises(StoreError, match="claim refused"):
         next(it)
-    assert len(callers) == 1 and callers[0].startswith("pr_loader-build")  # (claimed early, once)
+    assert callers[-1] is False and callers.count(False) == 1  # (the claim ahead failed, and only it ran)
     loader.close()
 
 
@@ -263,8 +246,7 @@ def test_a_commit_through_a_view_waits_for_its_fsync(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, policy: str
 ) -> None:
     """Where ``durability`` needs a wait after each write, a view's commit waits like the loader's own
-    commit: on the caller's thread (WAITAOF covers the writes of the connection it is sent on), before an
-    early claim takes a connection."""
+    commit: on the caller's thread (WAITAOF covers the writes of the connection it is sent on)."""
     import threading
 
     import pr_loader.dataset as dataset_module
