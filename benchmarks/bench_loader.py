@@ -132,6 +132,29 @@ def quiet(client: Any) -> None:
         time.sleep(0.05)
 
 
+class CpuMeter:
+    """CPU seconds spent inside ``with`` blocks by this process (all threads) and by the Redis server (its
+    ``INFO cpu``, all threads): where a step's time goes on a machine whose cores the two share."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.mine = self.server = 0.0
+
+    def _server(self) -> float:
+        info = self.client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def __enter__(self) -> None:
+        self._start = (time.process_time(), self._server())
+
+    def __exit__(self, *exc: object) -> None:
+        self.mine += time.process_time() - self._start[0]
+        self.server += self._server() - self._start[1]
+
+    def per(self, steps: int) -> str:
+        return f"{ms(self.mine / steps)} + {ms(self.server / steps)}"
+
+
 def work_in_python(seconds: float) -> None:
     """A consumer busy in Python bytecode (holding the GIL, as a Python-heavy training step does)."""
     end = time.perf_counter() + seconds
@@ -187,11 +210,10 @@ def bench_prefetch_partial(
     url: str, data: list[dict[str, Any]], epochs: int, commit: bool = False
 ) -> dict[str, str]:
     """(a) with a postponing policy (``PostponeToNext``, linked views), the partial-rollout case: every step
-    postpones 8 rows with a partial output into the next one, then the consumer works 20 ms. Such a step is
-    claimed only when asked for (rows postponed into it until then must arrive there): the view of the next
-    step is built ahead (again after the postpone), and the wait holds the claim that confirms its rows.
-    ``commit``: the consumer commits its view after the postpone (before its 20 ms of work), which lets the
-    loader claim the next step at once."""
+    postpones 8 rows with a partial output into the next one, then the consumer works 20 ms. The next step
+    is read, built and claimed ahead, again after the postpone (which gives the claim ahead back: rows
+    postponed into it must arrive there). ``commit``: the consumer commits its view after the postpone
+    (before its 20 ms of work)."""
     loader = DataLoader(
         data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(2), redis_url=url,
         linked=True, policy=PostponeToNext(),
@@ -244,19 +266,23 @@ def bench_data_path(url: str, data: list[dict[str, Any]], epochs: int) -> dict[s
         client.rpush(key, *[codec.encode(sample) for sample in data[s * BATCH : (s + 1) * BATCH]])
     ours_times: list[float] = []
     raw_times: list[float] = []
+    ours_cpu = CpuMeter(client)
+    raw_cpu = CpuMeter(client)
     for _ in range(rounds):
         materialise_next_epoch(loader)  # (one epoch ahead: the Redis footprint stays two epochs)
         it = iter(loader)
         next(it)
         t0 = time.perf_counter()
-        for _batch in it:
-            t1 = time.perf_counter()
-            ours_times.append(t1 - t0)
-            t0 = t1
-        for key in raw_keys:
-            t0 = time.perf_counter()
-            client.lrange(key, 0, -1)
-            raw_times.append(time.perf_counter() - t0)
+        with ours_cpu:
+            for _batch in it:
+                t1 = time.perf_counter()
+                ours_times.append(t1 - t0)
+                t0 = t1
+        with raw_cpu:
+            for key in raw_keys:
+                t0 = time.perf_counter()
+                client.lrange(key, 0, -1)
+                raw_times.append(time.perf_counter() - t0)
     loader.close()
     quiet(client)
     # the same path without the pipeline around it: claim -> decode -> collate of one step, then its commit
@@ -287,6 +313,9 @@ def bench_data_path(url: str, data: list[dict[str, Any]], epochs: int) -> dict[s
             f"{ms(alone)} ({ms(alone_raw)})"
         ),
         "(b) ratio, fetch+decode+collate alone (target <= 2x)": f"{alone / alone_raw:.2f}x",
+        "(b) CPU per step, batch to batch: this process + redis-server (raw LRANGE beside it)": (
+            f"{ours_cpu.per(len(ours_times))} ({raw_cpu.per(len(raw_times))})"
+        ),
     }
 
 
