@@ -238,7 +238,7 @@ class LoaderIter:
                     item.session.rows_moved = functools.partial(
                         self._start_read, following, payloads, claims=claims
                     )
-                    item.session.hold = self._holding
+                    item.session.hold = functools.partial(self._holding, following)
             else:
                 self.read = None
                 payloads.clear()
@@ -253,11 +253,13 @@ class LoaderIter:
         return self.source.linked and self.build_pool is not None
 
     @contextlib.contextmanager
-    def _holding(self) -> Iterator[int | None]:
-        """For a move of the step handed out (``StepSession.hold``): no claim ahead runs meanwhile, and the
-        move names the step held ahead, which it gives back if it goes through (then ``rows_moved``)."""
+    def _holding(self, following: int) -> Iterator[int | None]:
+        """For a move of the step before ``following`` (``StepSession.hold``): no claim ahead runs meanwhile,
+        and a move of the step handed out last names the step held ahead, which it gives back if it goes
+        through (``rows_moved`` then reads and claims it again). A view kept from an earlier step names
+        nothing: its move reads nothing again."""
         with self.claim_lock:
-            yield self.held
+            yield self.held if following == self.read_step else None
 
     def _claim_ahead(self, claims: Iterator[ClaimedStep], generation: int) -> None:
         """Claim the next step now, on the build thread after the read ahead queued with it, unless a move
@@ -273,7 +275,7 @@ class LoaderIter:
                 self.held = None if ahead.claimed is None else ahead.claimed.step
             if ahead.claimed is not None:
                 ahead.item = self._adopt(ahead.claimed, self.read)
-        except BaseException as exc:  # (the claims generator is done: next() raises this)
+        except BaseException as exc:  # (raised by next(); a failed claim also ended the claims generator)
             ahead.error = exc
         self.claimed = ahead
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -188,9 +189,17 @@ def test_postponing_policy_reads_and_claims_the_next_step_ahead(
     assert any(partial for _, _, partial in with_ahead if any(p is not None for p in partial))
 
 
+def wait_for_claim_ahead(it: Any) -> None:
+    """Wait until the loader iterator's claim ahead of the next step has run."""
+    deadline = time.monotonic() + 10
+    while it.claimed is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert it.claimed is not None, "no claim ahead ran"
+
+
 def test_a_move_of_an_earlier_step_reads_nothing_ahead(redis_server: RedisServer) -> None:
-    """Only a move of the step handed out last re-reads its successor: the view of an earlier step (kept by
-    the caller) names a step that is claimed already."""
+    """Only a move of the step handed out last names the step claimed ahead (to give it back) and re-reads
+    its successor: the view of an earlier step (kept by the caller) names a step that is claimed already."""
     from pr_loader.policy import PostponeToNext
 
     loader = prl.DataLoader(DATA, batch_size=5, redis_url=redis_server.url, linked=True,
@@ -199,6 +208,12 @@ def test_a_move_of_an_earlier_step_reads_nothing_ahead(redis_server: RedisServer
     first, second = next(it), next(it)
     assert first.session is not None and second.session is not None
     assert first.session.rows_moved is not None and second.session.rows_moved is not None
+    assert first.session.hold is not None and second.session.hold is not None
+    wait_for_claim_ahead(it)
+    with first.session.hold() as named:
+        assert named is None
+    with second.session.hold() as named:
+        assert named == it.held == second.step + 1
     queued = len(it.reads)
     first.session.rows_moved()
     assert len(it.reads) == queued
@@ -212,7 +227,6 @@ def test_a_claim_aheads_error_comes_at_next(
 ) -> None:
     """The claim ahead runs in the background: its error is raised by the next ``next()``."""
     import threading
-    import time
 
     from pr_loader.errors import StoreError
     from pr_loader.policy import PostponeToNext
@@ -232,9 +246,7 @@ def test_a_claim_aheads_error_comes_at_next(
                             policy=PostponeToNext(), run_id=f"ahead-error-{uuid.uuid4().hex}")  # fmt: skip
     it = iter(loader)
     next(it)
-    deadline = time.monotonic() + 10
-    while it.claimed is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_claim_ahead(it)
     with pytest.raises(StoreError, match="claim refused"):
         next(it)
     assert callers[-1] is False and callers.count(False) == 1  # (the claim ahead failed, and only it ran)
