@@ -278,3 +278,40 @@ def test_a_commit_through_a_view_waits_for_its_fsync(
     assert waits == [threading.current_thread().name]
     assert len(next(it)) == 5
     loader.close()
+
+
+def test_competing_consumers_claiming_ahead_lose_and_repeat_nothing(redis_server: RedisServer) -> None:
+    """Two linked loaders with their own consumer ids on one run, taking turns: each claims its next step
+    ahead and gives it back on its moves, while the other claims and postpones into the steps around it.
+    At the end of the epoch every row of it was committed once, or waits postponed into a later step."""
+    from pr_loader.policy import PostponeToNext
+
+    run_id = f"compete-{uuid.uuid4().hex}"
+    loaders = [
+        prl.DataLoader(DATA, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(6),
+                       redis_url=redis_server.url, linked=True, policy=PostponeToNext(max_postpones=1),
+                       run_id=run_id, consumer_id=name)  # fmt: skip
+        for name in ("a", "b")
+    ]
+    live = [iter(loader) for loader in loaders]
+    committed: list[str] = []  # the rows each view still held when its consumer asked for the next one
+    steps: list[int] = []
+    while live:
+        for it in list(live):
+            view = next(it, None)
+            if view is None:
+                live.remove(it)
+                continue
+            steps.append(view.step)
+            fresh = [i for i, t in enumerate(view.non_tensor_batch["prl_times_postponed"]) if t == 0][:2]
+            if fresh:
+                assert view.postpone_samples(view.select_idxs(fresh)) is True
+            committed += view.sample_ids()
+    for loader in loaders:
+        loader.close()
+    stats = loaders[0].source.shard().store.stats()
+    waiting = [row.ref.key() for row in stats.postponed]
+    assert sorted(steps) == list(range(len(loaders[0])))  # (each step of the epoch handed out once)
+    assert len(committed) == len(set(committed)) and not set(committed) & set(waiting)
+    assert sorted(committed + waiting) == sorted(f"0:{i}" for i in range(N))
+    assert not stats.in_flight and stats.committed_upto == len(loaders[0]) - 1
