@@ -37,11 +37,9 @@ from pr_loader.store.keys import ShardKeys
 from pr_loader.store.records import (
     ClaimedStep,
     DeadLetter,
-    PostponedRow,
     PrefetchResult,
     RowRef,
     RunConfig,
-    StepLease,
     StoredRow,
     StoreStats,
 )
@@ -575,20 +573,7 @@ class BatchStore:
             pipe.llen(keys.dead)
             return list(pipe.execute())
 
-        res = self._retrying(read)
-        stats = StoreStats(next_step, int(meta[b"committed_upto"]), int(meta[b"gc_floor"]),
-                           requeued=requeued, payloads=int(meta[b"payloads"]))
-        for i, s in enumerate(candidates):
-            arrivals, fresh = res[2 * i], int(res[2 * i + 1])
-            if arrivals or fresh:
-                stats.upcoming[s] = (len(arrivals), fresh)
-            for raw in arrivals:
-                ref = RowRef.parse(_text(raw))
-                if ref.version > 0:
-                    first = s if ref.first_step is None else ref.first_step
-                    stats.postponed.append(PostponedRow(ref, s, s - first))
-        leases, owners, stats.dead_letters = res[2 * len(candidates):]
-        stats.in_flight = [StepLease(int(s), _text(owners.get(s, b"")), float(exp)) for s, exp in leases]
+        stats = StoreStats.from_reads(meta, requeued, candidates, self._retrying(read))
         node = self._shard_node()
         try:  # on a cluster: the master that holds the shard
             info = self._client.info("memory", **({} if node is None else {"target_nodes": node}))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from pr_loader.errors import ConfigError, StoreError
 
@@ -165,3 +167,24 @@ class StoreStats:
     dead_letters: int = 0
     payloads: int = 0  # payload keys held (retained, in-flight and upcoming rows)
     server_memory_bytes: int | None = None  # INFO memory used_memory of the whole server
+
+    @classmethod
+    def from_reads(
+        cls, meta: Mapping[bytes, bytes], requeued: list[int], steps: list[int], replies: list[Any]
+    ) -> StoreStats:
+        """The snapshot from the shard's meta hash and the replies read for it: per step of ``steps`` its
+        arrivals and its batch length, then the leases, the owners and the dead-letter count."""
+        stats = cls(int(meta[b"next_step"]), int(meta[b"committed_upto"]), int(meta[b"gc_floor"]),
+                    requeued=requeued, payloads=int(meta[b"payloads"]))  # fmt: skip
+        for i, s in enumerate(steps):
+            arrivals, fresh = replies[2 * i], int(replies[2 * i + 1])
+            if arrivals or fresh:
+                stats.upcoming[s] = (len(arrivals), fresh)
+            for raw in arrivals:
+                ref = RowRef.parse(raw.decode())
+                if ref.version > 0:
+                    first = s if ref.first_step is None else ref.first_step
+                    stats.postponed.append(PostponedRow(ref, s, s - first))
+        leases, owners, stats.dead_letters = replies[2 * len(steps):]
+        stats.in_flight = [StepLease(int(s), owners.get(s, b"").decode(), float(exp)) for s, exp in leases]
+        return stats

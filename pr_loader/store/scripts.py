@@ -226,8 +226,8 @@ local function undo_entry(s, w, ctx)
   end
 end
 
--- Return the rows of every in-flight step whose lease expired before now to where they came from, as far
--- as is safe, and queue the step for a new claim. Returns the expired steps.
+-- Return the rows of in-flight step s to where they came from, as far as is safe (its journal undone, newest
+-- entry first), and queue the step for a new claim.
 local function expire_step(s)
   local ctx = {ex = {}, extras = {}}
   local entries = redis.call('LRANGE', P .. 'journal:' .. s, 0, -1)
@@ -236,6 +236,7 @@ local function expire_step(s)
   redis.call('ZADD', K_REQUEUE, s, s)
 end
 
+-- Expire every in-flight step whose lease ran out before now. Returns those steps.
 local function expire_due(now)
   local due = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', '(' .. now)
   for _, sv in ipairs(due) do expire_step(tonumber(sv)) end

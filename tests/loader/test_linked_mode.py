@@ -287,12 +287,14 @@ def test_competing_consumers_claiming_ahead_lose_and_repeat_nothing(redis_server
     from pr_loader.policy import PostponeToNext
 
     run_id = f"compete-{uuid.uuid4().hex}"
-    loaders = [
-        prl.DataLoader(DATA, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(6),
-                       redis_url=redis_server.url, linked=True, policy=PostponeToNext(max_postpones=1),
-                       run_id=run_id, consumer_id=name)  # fmt: skip
-        for name in ("a", "b")
-    ]
+    def consumer(name: str) -> prl.DataLoader:
+        return prl.DataLoader(
+            DATA, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(6),
+            redis_url=redis_server.url, linked=True, policy=PostponeToNext(max_postpones=1), run_id=run_id,
+            consumer_id=name,
+        )  # fmt: skip
+
+    loaders = [consumer("a"), consumer("b")]
     live = [iter(loader) for loader in loaders]
     committed: list[str] = []  # the rows each view still held when its consumer asked for the next one
     steps: list[int] = []
