@@ -226,6 +226,7 @@ class LoaderIter:
                 with self.claim_lock:
                     claimed = next(claims, None)
                 item = None if claimed is None else self._adopt(claimed, self.read)
+            del ahead  # (else the next turn frees the batch handed out now, if its caller dropped it)
             with self.claim_lock:
                 self.held = None  # (handed out: from now on a move of it must not give it back)
             if claimed is None:
