@@ -554,7 +554,8 @@ class BatchStore:
         return self._rows(self._script("READ_ROWS", str(step))[1], known=known)
 
     def stats(self) -> StoreStats:
-        """Counts of upcoming rows, postponed rows and their staleness, leases and dead letters."""
+        """Counts of upcoming rows, postponed rows not yet committed (waiting in a later step, or in a step
+        in flight) and their staleness, leases and dead letters."""
         keys = self._keys
         meta = self._retrying(lambda: self._client.hgetall(keys.meta))
         next_step = int(meta[b"next_step"])
@@ -562,18 +563,23 @@ class BatchStore:
         mat = self._retrying(lambda: self._client.hkeys(keys.materialised))
         requeued = [int(s) for s in self._retrying(lambda: self._client.zrange(keys.requeue, 0, -1))]
         candidates = sorted({int(s) for s in mat} | set(range(next_step, last + 1)) | set(requeued))
+        # rows of every step that may be in flight when the pipeline runs (a claim moves arrivals into them)
+        leased = self._retrying(lambda: self._client.zrange(keys.leases, 0, -1))
+        claimable = sorted(set(candidates) | {int(s) for s in leased})
 
         def read() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
             for s in candidates:
                 pipe.lrange(keys.arrivals(s), 0, -1)
                 pipe.llen(keys.batch(s))
+            for s in claimable:
+                pipe.lrange(keys.rows(s), 0, -1)
             pipe.zrange(keys.leases, 0, -1, withscores=True)
             pipe.hgetall(keys.owners)
             pipe.llen(keys.dead)
             return list(pipe.execute())
 
-        stats = StoreStats.from_reads(meta, requeued, candidates, self._retrying(read))
+        stats = StoreStats.from_reads(meta, requeued, candidates, claimable, self._retrying(read))
         node = self._shard_node()
         try:  # on a cluster: the master that holds the shard
             info = self._client.info("memory", **({} if node is None else {"target_nodes": node}))

@@ -146,7 +146,9 @@ class StepLease:
 
 @dataclass
 class PostponedRow:
-    """A postponed row waiting in ``arrivals`` of ``target_step``; staleness = target - first_step."""
+    """A postponed row not yet committed: waiting in ``arrivals`` of ``target_step``, or among the rows of
+    ``target_step`` once that is in flight (claimed, maybe ahead of its use); staleness = target -
+    first_step."""
 
     ref: RowRef
     target_step: int
@@ -170,21 +172,32 @@ class StoreStats:
 
     @classmethod
     def from_reads(
-        cls, meta: Mapping[bytes, bytes], requeued: list[int], steps: list[int], replies: list[Any]
+        cls,
+        meta: Mapping[bytes, bytes],
+        requeued: list[int],
+        steps: list[int],
+        claimable: list[int],
+        replies: list[Any],
     ) -> StoreStats:
         """The snapshot from the shard's meta hash and the replies read for it: per step of ``steps`` its
-        arrivals and its batch length, then the leases, the owners and the dead-letter count."""
+        arrivals and its batch length, per step of ``claimable`` its rows, then the leases, the owners and
+        the dead-letter count."""
         stats = cls(int(meta[b"next_step"]), int(meta[b"committed_upto"]), int(meta[b"gc_floor"]),
                     requeued=requeued, payloads=int(meta[b"payloads"]))  # fmt: skip
+        waiting: list[tuple[int, list[bytes]]] = []
         for i, s in enumerate(steps):
             arrivals, fresh = replies[2 * i], int(replies[2 * i + 1])
             if arrivals or fresh:
                 stats.upcoming[s] = (len(arrivals), fresh)
-            for raw in arrivals:
+            waiting.append((s, arrivals))
+        rows = dict(zip(claimable, replies[2 * len(steps) : 2 * len(steps) + len(claimable)]))
+        leases, owners, stats.dead_letters = replies[2 * len(steps) + len(claimable):]
+        waiting += [(int(s), rows.get(int(s), [])) for s, _ in leases]  # (rows of the steps in flight)
+        for s, raws in sorted(waiting, key=lambda item: item[0]):
+            for raw in raws:
                 ref = RowRef.parse(raw.decode())
                 if ref.version > 0:
                     first = s if ref.first_step is None else ref.first_step
                     stats.postponed.append(PostponedRow(ref, s, s - first))
-        leases, owners, stats.dead_letters = replies[2 * len(steps):]
         stats.in_flight = [StepLease(int(s), owners.get(s, b"").decode(), float(exp)) for s, exp in leases]
         return stats

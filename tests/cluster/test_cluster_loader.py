@@ -199,6 +199,8 @@ def test_linked_postpone_to_next_across_steps(cluster: LocalCluster, run_id: str
             assert v0.sample_ids() == [f"0:{plan[0][0]}", f"0:{plan[0][2]}"]
             store = loader.source.shard().store  # (step 1 may be claimed ahead already: its rows either way)
             assert [row.ref.key() for row in store.read_rows(1)[:2]] == [f"0:{plan[0][3]}", f"0:{plan[0][1]}"]
+            assert [(p.ref.key(), p.target_step) for p in store.stats().postponed] == [
+                (f"0:{plan[0][3]}", 1), (f"0:{plan[0][1]}", 1)]  # fmt: skip
 
             v1 = next(it)  # commits step 0; the postponed rows come first, in postpone order
             assert v1.step == 1

@@ -519,6 +519,13 @@ def test_stats(store: BatchStore) -> None:
     assert [(p.ref.encode(), p.target_step, p.staleness) for p in stats.postponed] == [("0:0:1:0", 2, 2)]
     assert [(lease.step, lease.owner, lease.expiry) for lease in stats.in_flight] == [(0, "c", 10.0)]
     assert stats.payloads == 25 and stats.dead_letters == 0
+    store.claim("c", 10, now=0)
+    store.claim("c", 10, now=0)  # step 2, with the postponed row: still listed until it is committed
+    postponed = [(p.ref.encode(), p.target_step, p.staleness) for p in store.stats().postponed]
+    assert postponed == [("0:0:1:0", 2, 2)] and 2 not in store.stats().upcoming
+    for step in range(3):
+        store.commit(step, "c", now=0)
+    assert store.stats().postponed == []
 
 
 def test_delete_run_removes_every_key(store: BatchStore, client: redis.Redis) -> None:
