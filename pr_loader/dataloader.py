@@ -42,7 +42,8 @@ import torch
 import torch.utils.data as tud
 from torch.utils.data._utils.pin_memory import pin_memory
 
-from pr_loader.dataset import RedisBatchDataset, rank_and_world, shard_sampler
+from pr_loader.dataset import RedisBatchDataset
+from pr_loader.dataset_meta import rank_and_world, shard_sampler
 from pr_loader.errors import (
     CommittedStepsLost,
     ConfigError,

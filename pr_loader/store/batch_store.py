@@ -297,8 +297,9 @@ class BatchStore:
 
             fetched = iter(self._retrying(read) if names else [])
             payloads = [known[r] if r in known else next(fetched) for r in refs]
-        if any(payload is None for payload in payloads):  # (not `None in`: == on 256 memoryviews, 70 us)
-            ref = refs[[payload is None for payload in payloads].index(True)]
+        # (by identity, not `None in`: that compares 256 memoryviews with ==, 70 us)
+        ref = next((r for r, payload in zip(refs, payloads) if payload is None), None)
+        if ref is not None:
             if held is not None and not self._holds(*held):
                 raise LeaseLost(f"step {held[0]} was taken from {held[1]!r} while its rows were read")
             raise StoreError(f"payload of row {ref!r} of run {self._config.run_id!r} is gone "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -35,3 +36,11 @@ def assert_same_epochs(reference: list[list[Any]], got: list[list[Any]]) -> None
         assert len(ref_epoch) == len(got_epoch), f"epoch {e}: {len(ref_epoch)} != {len(got_epoch)} batches"
         for i, (x, y) in enumerate(zip(ref_epoch, got_epoch)):
             assert_same(x, y, f"epoch {e} batch {i}")
+
+
+def wait_for_claim_ahead(it: Any) -> None:
+    """Wait until the loader iterator's claim ahead of the next step has run."""
+    deadline = time.monotonic() + 10
+    while it.claimed is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert it.claimed is not None, "no claim ahead ran"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ import pr_loader.dataloader as prl
 from pr_loader.dataset import RedisBatchDataset
 from pr_loader.linked import LinkedDataProto
 from pr_loader.server import FAKE_URL
+from tests.loader.conftest import wait_for_claim_ahead
 from tests.servers import RedisServer
 
 N = 18
@@ -187,14 +187,6 @@ def test_postponing_policy_reads_and_claims_the_next_step_ahead(
     monkeypatch.undo()
     assert with_ahead == unsettled == committed == _partial_trace(make(FAKE_URL))
     assert any(partial for _, _, partial in with_ahead if any(p is not None for p in partial))
-
-
-def wait_for_claim_ahead(it: Any) -> None:
-    """Wait until the loader iterator's claim ahead of the next step has run."""
-    deadline = time.monotonic() + 10
-    while it.claimed is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert it.claimed is not None, "no claim ahead ran"
 
 
 def test_a_move_of_an_earlier_step_reads_nothing_ahead(redis_server: RedisServer) -> None:

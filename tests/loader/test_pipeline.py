@@ -15,7 +15,7 @@ import pr_loader.dataloader as prl
 from pr_loader import loader_iter
 from pr_loader.errors import LeaseLost
 from pr_loader.server import FAKE_URL
-from tests.loader.conftest import assert_same_epochs
+from tests.loader.conftest import assert_same_epochs, wait_for_claim_ahead
 from tests.servers import RedisServer
 
 POOL_THREADS = ("pr_loader-ahead", "pr_loader-write", "pr_loader-commit", "pr_loader-build")
@@ -212,7 +212,6 @@ def test_a_batch_the_caller_drops_is_freed_at_once(
     inside the next ``next()`` (which would add the free of a whole batch to the wait). Linked views on
     threads: also once the work ahead has run (the next step read, built and claimed ahead), views
     handed out from a claim ahead included."""
-    import time
     import weakref
 
     linked = policy != "FixedBatch"
@@ -221,10 +220,8 @@ def test_a_batch_the_caller_drops_is_freed_at_once(
     it = iter(loader)
     for _ in range(3):
         batch = next(it)
-        deadline = time.monotonic() + 10
-        ahead = linked and threaded and it.read_step >= 0
-        while ahead and it.claimed is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if linked and threaded and it.read_step >= 0:
+            wait_for_claim_ahead(it)
         tensor = weakref.ref(batch.batch["x"] if linked else batch["x"])
         del batch
         assert tensor() is None
