@@ -24,7 +24,6 @@ from pr_loader.errors import (
     NoStepReady,
     RollbackOutOfRange,
     RowsNotInStep,
-    RunConfigMismatch,
     RunNotFound,
     StepStateError,
     StoreAuthError,
@@ -47,24 +46,8 @@ from pr_loader.store.records import (
 logger = logging.getLogger(__name__)
 
 SCHEMA = "1"
-# meta fields that must match on re-open, in the order they are checked
-_IDENTITY = (
-    "run_id", "dataset_fingerprint", "batch_size", "steps_per_epoch", "seed", "policy", "world_size",
-    "rank", "num_epochs",
-)
-_INT_FIELDS = frozenset({"batch_size", "steps_per_epoch", "seed", "world_size", "rank", "num_epochs"})
 _T = TypeVar("_T")
 _CHUNK = 1000
-
-
-def _meta_value(value: object) -> str:
-    return "" if value is None else str(value)
-
-
-def _typed(name: str, raw: str) -> object:
-    if name in _INT_FIELDS:
-        return None if raw == "" else int(raw)
-    return raw
 
 
 def _held(step: int | None) -> str:
@@ -115,8 +98,7 @@ class BatchStore:
         store = cls(client, config, retry_seconds=retry_seconds)
         fields: list[str] = ["schema", SCHEMA, "created_at", repr(time.time()),
                              "retain_steps", str(config.retain_steps)]
-        for name in _IDENTITY:
-            fields += [name, _meta_value(getattr(config, name))]
+        fields += config.identity_meta()
         reply = store._script("OPEN", "1" if create else "0", *fields)
         if reply[0] == b"missing":
             raise RunNotFound(f"run {config.run_id!r} rank {config.rank} not found at {store._address()}")
@@ -132,10 +114,9 @@ class BatchStore:
                 f"run {self._config.run_id!r} has store schema {stored.get('schema')!r}; "
                 f"this pr_loader reads schema {SCHEMA!r}"
             )
-        for name in _IDENTITY:
-            given = getattr(self._config, name)
-            if stored.get(name) != _meta_value(given):
-                raise RunConfigMismatch(name, _typed(name, stored.get(name, "")), given)
+        mismatch = self._config.mismatch(stored)
+        if mismatch is not None:
+            raise mismatch
         if stored.get("retain_steps") != str(self._config.retain_steps):
             logger.info("run %s: retain_steps %s -> %s", self._config.run_id, stored.get("retain_steps"),
                         self._config.retain_steps)

@@ -7,7 +7,18 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from pr_loader.errors import ConfigError, StoreError
+from pr_loader.errors import ConfigError, RunConfigMismatch, StoreError
+
+# meta fields that identify a run (they must match on re-open), in the order they are checked
+_IDENTITY = (
+    "run_id", "dataset_fingerprint", "batch_size", "steps_per_epoch", "seed", "policy", "world_size",
+    "rank", "num_epochs",
+)
+_INT_FIELDS = frozenset({"batch_size", "steps_per_epoch", "seed", "world_size", "rank", "num_epochs"})
+
+
+def _meta_value(value: object) -> str:
+    return "" if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,19 @@ class RunConfig:
             raise ConfigError(f"retain_steps must be an int >= 0, got {self.retain_steps!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an int, got {self.seed!r}")
+
+    def identity_meta(self) -> list[str]:
+        """The meta fields that identify the run, as field, value pairs (what a new run stores)."""
+        return [item for name in _IDENTITY for item in (name, _meta_value(getattr(self, name)))]
+
+    def mismatch(self, stored: Mapping[str, str]) -> RunConfigMismatch | None:
+        """The error for the first identity field whose stored value differs from this config's, or None."""
+        for name in _IDENTITY:
+            given, raw = getattr(self, name), stored.get(name, "")
+            if stored.get(name) != _meta_value(given):
+                typed = (None if raw == "" else int(raw)) if name in _INT_FIELDS else raw
+                return RunConfigMismatch(name, typed, given)
+        return None
 
     @property
     def total_steps(self) -> int | None:
