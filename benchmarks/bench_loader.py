@@ -25,15 +25,13 @@ from typing import Any
 
 T_START = time.time()  # for the resume child: the process started just before this line
 
-import numpy as np  # noqa: E402
-import redis  # noqa: E402
+# (d)'s resume child is a trainer process: it imports torch, then pr_loader's public name, and nothing of the
+# benchmark's peers (redis-py for the raw reads is imported where they run)
 import torch  # noqa: E402
 import torch.utils.data as tud  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from pr_loader import codec  # noqa: E402
-from pr_loader.dataloader import DataLoader  # noqa: E402
-from pr_loader.policy import PostponeToNext  # noqa: E402
+from pr_loader import DataLoader  # noqa: E402
 
 T_IMPORTED = time.time()
 
@@ -81,6 +79,8 @@ def redis_server() -> Iterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
     client = redis.Redis.from_url(url)
     for _ in range(500):
         try:
@@ -136,7 +136,7 @@ class CpuMeter:
     """CPU seconds spent inside ``with`` blocks by this process (all threads) and by the Redis server (its
     ``INFO cpu``, all threads): where a step's time goes on a machine whose cores the two share."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: Any) -> None:
         self.client = client
         self.mine = self.server = 0.0
 
@@ -214,6 +214,10 @@ def bench_prefetch_partial(
     is read, built and claimed ahead, again after the postpone (which gives the claim ahead back: rows
     postponed into it must arrive there). ``commit``: the consumer commits its view after the postpone
     (before its 20 ms of work)."""
+    import numpy as np
+
+    from pr_loader import PostponeToNext
+
     loader = DataLoader(
         data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(2), redis_url=url,
         linked=True, policy=PostponeToNext(),
@@ -256,6 +260,10 @@ def bench_data_path(url: str, data: list[dict[str, Any]], epochs: int) -> dict[s
     the same bytes from the same footprint (re-reading one hot list would flatter it). Epochs of ours and
     runs of raw LRANGEs alternate (the VM's load drifts); both are per-step medians (ours: the time between
     consecutive batches of an epoch, the epoch's start being iterator setup)."""
+    import redis
+
+    from pr_loader import codec
+
     rounds = 2 * epochs
     loader = materialised_loader(data, url, BATCH)
     client = redis.Redis.from_url(url)
@@ -326,6 +334,10 @@ def bench_big(url: str, epochs: int) -> dict[str, str]:
     reads of a process and of the server's reply buffers fault their pages in, whichever side goes first."""
     n, batch = 256, 16  # 16 steps per epoch: an epoch start (iterator setup, first claim) is not the rate
     data = [{"blob": torch.full((MiB,), i % 251, dtype=torch.uint8)} for i in range(n)]
+    import redis
+
+    from pr_loader import codec
+
     rounds = 2 * epochs
     loader = materialised_loader(data, url, batch)
     client = redis.Redis.from_url(url)
