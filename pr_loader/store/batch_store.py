@@ -297,7 +297,9 @@ class BatchStore:
         state, owner = self._retrying(read)
         return bool(state == b"inflight" and owner == consumer_id.encode())
 
-    def _staged_script(self, name: str, op_id: str, payloads: list[bytes], *args: str) -> list[Any]:
+    def _staged_script(
+        self, name: str, op_id: str, payloads: list[bytes | memoryview], *args: str
+    ) -> list[Any]:
         """Upload payloads to stage:<op_id>:<i> and run a script that adopts (RENAME) or drops them (see
         :func:`wire.staged_in_transaction`; a cluster: :func:`wire.staged_then_run`), again while the
         script finds its stages lost (e.g. a server restart without fsync)."""
@@ -346,7 +348,7 @@ class BatchStore:
             raise ConfigError(f"step {step} is a drain step (run has {total} steps); it has no fresh batch")
         epoch = step // self._config.steps_per_epoch
         refs: list[str] = []
-        payloads: list[bytes] = []
+        payloads: list[bytes | memoryview] = []
         seen: set[int] = set()
         for index, payload in rows:
             if not isinstance(index, int) or isinstance(index, bool) or index < 0 or index in seen:
@@ -355,7 +357,7 @@ class BatchStore:
                 raise ConfigError(f"step {step}: payload of index {index} must be bytes")
             seen.add(index)
             refs.append(f"{epoch}:{index}:0:-")
-            payloads.append(bytes(payload))
+            payloads.append(wire.payload_buffer(payload))
         reply = self._staged_script("MATERIALISE", uuid.uuid4().hex, payloads, str(step), *refs)
         return bool(reply[1])
 
@@ -444,7 +446,7 @@ class BatchStore:
             raise StepStateError(f"postpone target {target_step} must be after step {step}")
         args: list[str] = [str(step), consumer_id, repr(self._now(now)), str(target_step), _held(held)]
         new_refs: list[RowRef] = []
-        payloads: list[bytes] = []
+        payloads: list[bytes | memoryview] = []
         seen: set[str] = set()
         for ref, payload in rows:
             old = ref.encode()
@@ -453,7 +455,7 @@ class BatchStore:
             seen.add(old)
             new = ref.postponed(step)
             new_refs.append(new)
-            payloads.append(bytes(payload))
+            payloads.append(wire.payload_buffer(payload))  # (a claimed row's view is sent, not copied)
             args += [old, new.encode()]
         if not new_refs:
             return []

@@ -57,7 +57,8 @@ except ImportError:  # (installed with pr_loader; without it the pipelined read 
     hiredis = None  # type: ignore[assignment]
 
 __all__ = [
-    "ONE_PIECE", "Payloads", "SizedReply", "pipelined", "staged_in_transaction", "staged_then_run",
+    "ONE_PIECE", "Payloads", "SizedReply", "payload_buffer", "pipelined", "staged_in_transaction",
+    "staged_then_run",
     "supports", "transact",
 ]  # fmt: skip
 
@@ -235,22 +236,34 @@ class _Reader:
         return out, size
 
 
-def _frames(commands: list[tuple[Any, ...]]) -> list[bytes]:
+def payload_buffer(payload: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``payload`` as something to upload without a copy: ``bytes`` as is, another contiguous buffer (e.g. a
+    claimed row's view of its receive buffer) as a byte view of it; a non-contiguous one is copied."""
+    if type(payload) is bytes:
+        return payload
+    view = memoryview(payload)
+    return view.cast("B") if view.c_contiguous else view.tobytes()
+
+
+def _frames(commands: list[tuple[Any, ...]]) -> list[bytes | memoryview]:
     """The RESP2 request of ``commands`` as buffers to send in order: the small arguments framed together,
-    each big ``bytes`` argument (a payload) a buffer of its own, never copied."""
-    out: list[bytes] = []
+    each big argument (a payload: ``bytes`` or a byte view from :func:`payload_buffer`) a buffer of its own,
+    never copied."""
+    out: list[bytes | memoryview] = []
     head = bytearray()
     for command in commands:
         head += b"*%d\r\n" % len(command)
         for arg in command:
+            data: bytes | memoryview
             if type(arg) is bytes:
                 data = arg
             elif isinstance(arg, (bytearray, memoryview)):
-                data = bytes(arg)
+                data = payload_buffer(arg)
             else:
                 data = str(arg).encode()  # (str, int, float: as redis-py sends them)
-            head += b"$%d\r\n" % len(data)
-            if len(data) < _INLINE:
+            size = len(data)  # (a view from payload_buffer is one-dimensional bytes)
+            head += b"$%d\r\n" % size
+            if size < _INLINE:
                 head += data
                 head += _CRLF
             else:
@@ -260,7 +273,7 @@ def _frames(commands: list[tuple[Any, ...]]) -> list[bytes]:
     return out
 
 
-def _send(sock: socket.socket, buffers: list[bytes]) -> None:
+def _send(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
     """Send ``buffers`` whole, in order, by scatter-gather ``sendmsg`` (one call for up to ``_IOV_MAX`` of
     them: one GIL release, no joined copy; hiredis packs payloads into one command at ~0.4 GB/s here)."""
     views = [memoryview(b) for b in buffers]
@@ -474,12 +487,14 @@ def _upload(commands: list[tuple[Any, ...]], sock: socket.socket) -> list[Any]:
 
 
 def staged_in_transaction(
-    client: Any, script: Script, meta_key: str, argv: list[str], names: list[str], payloads: list[bytes]
+    client: Any, script: Script, meta_key: str, argv: list[str], names: list[str],
+    payloads: list[bytes | memoryview],
 ) -> list[Any]:
-    """Upload ``payloads`` to the stage keys ``names`` and run ``script`` (which adopts them by RENAME or
-    drops them: payload bytes never enter Lua) in one round trip: a MULTI transaction of MSETs and the
-    EVALSHA (measured faster than SETs with a TTL: fewer commands to pack and parse). On a plain socket
-    (:func:`supports`) the payloads go out from their own buffers (:func:`_send`); otherwise through
+    """Upload ``payloads`` (see :func:`payload_buffer`) to the stage keys ``names`` and run ``script`` (which
+    adopts them by RENAME or drops them: payload bytes never enter Lua) in one round trip: a MULTI
+    transaction of MSETs and the EVALSHA (measured faster than SETs with a TTL: fewer commands to pack and
+    parse). On a plain socket (:func:`supports`) the payloads go out from their own buffers (:func:`_send`);
+    otherwise through
     redis-py, whose packing copies them. Should the server have lost its script cache, the stages get a
     TTL and the script is loaded and run at once. The script gets one more ARGV, last: ``'1'`` when the
     stages carry a TTL (it drops it on adoption), else ``'0'``."""
@@ -518,7 +533,8 @@ def staged_in_transaction(
 
 
 def staged_then_run(
-    client: Any, script: Script, meta_key: str, argv: list[str], names: list[str], payloads: list[bytes]
+    client: Any, script: Script, meta_key: str, argv: list[str], names: list[str],
+    payloads: list[bytes | memoryview],
 ) -> list[Any]:
     """:func:`staged_in_transaction` for a cluster, where redis-py refuses scripts in pipelines: SETs with a
     TTL, then the script."""

@@ -46,6 +46,14 @@ def test_payloads_are_stored_byte_exact_and_sent_uncopied(
     partial = [(row.ref, bytearray(b"partial %d " % i) * 1000) for i, row in enumerate(claimed.rows[:3])]
     new = store.postpone(0, "c", partial, 2, now=0)  # (bytearray payloads are taken as bytes)
     assert [client.get(store.keys.payload(ref.encode())) for ref in new] == [bytes(p) for _, p in partial]
+    # views (a claimed row's payload is one) go out from the memory they view, uncopied; a non-contiguous
+    # view is copied
+    memory = bytearray(os.urandom(3 * wire._INLINE))
+    views = [memoryview(memory)[: 2 * wire._INLINE], memoryview(memory)[::3]]
+    sent.clear()
+    new = store.postpone(0, "c", [(row.ref, v) for row, v in zip(claimed.rows[3:], views)], 2, now=0)
+    assert [client.get(store.keys.payload(ref.encode())) for ref in new] == [v.tobytes() for v in views]
+    assert any(isinstance(b, memoryview) and b.obj is memory for b in sent[0])
     assert client.keys(store.keys.prefix + "stage:*") == []
     assert client.ping()
     client.close()
@@ -141,3 +149,10 @@ def test_frames_are_resp2_with_big_arguments_as_their_own_buffers() -> None:
         b"*5\r\n$7\r\nEVALSHA\r\n$3\r\nabc\r\n$1\r\n1\r\n$1\r\n\x00\r\n$3\r\n2.5\r\n"
     )
     assert any(f is payload for f in frames)
+    memory = bytearray(b"v" * wire._INLINE)
+    frames = wire._frames([("SET", "k", memoryview(memory)), ("SET", "j", memoryview(memory)[:3])])
+    assert b"".join(frames) == (
+        b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n" % len(memory) + memory + b"\r\n"
+        b"*3\r\n$3\r\nSET\r\n$1\r\nj\r\n$3\r\nvvv\r\n"
+    )
+    assert any(isinstance(f, memoryview) and f.obj is memory for f in frames)  # (a view of it, no copy)
