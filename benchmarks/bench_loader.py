@@ -332,12 +332,12 @@ def bench_big(url: str, epochs: int) -> dict[str, str]:
     256 distinct payloads (16 per pipeline), so both move the same bytes from the same footprint. Epochs of
     ours and of the raw reads alternate (the VM's load drifts), after one untimed round of each: the first
     reads of a process and of the server's reply buffers fault their pages in, whichever side goes first."""
-    n, batch = 256, 16  # 16 steps per epoch: an epoch start (iterator setup, first claim) is not the rate
-    data = [{"blob": torch.full((MiB,), i % 251, dtype=torch.uint8)} for i in range(n)]
     import redis
 
     from pr_loader import codec
 
+    n, batch = 256, 16  # 16 steps per epoch: an epoch start (iterator setup, first claim) is not the rate
+    data = [{"blob": torch.full((MiB,), i % 251, dtype=torch.uint8)} for i in range(n)]
     rounds = 2 * epochs
     loader = materialised_loader(data, url, batch)
     client = redis.Redis.from_url(url)

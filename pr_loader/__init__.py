@@ -65,7 +65,7 @@ def _collector_paused() -> Iterator[None]:
     msgpack; torch too if the caller has not imported it yet) are imported, then restore it. An import
     creates tens of thousands of objects that all stay alive, and every collection triggered meanwhile
     walks all objects alive, the host's torch included: with torch imported first, ``from pr_loader import
-    DataLoader`` took 134-183 ms with the collector running and 63-70 ms paused (measured; a resumed
+    DataLoader`` took 134-183 ms with the collector running and 63-79 ms paused (measured; a resumed
     trainer's time to its first batch, ``benchmarks/bench_loader.py`` (d)). An import makes no garbage
     worth collecting."""
     was_enabled = gc.isenabled()

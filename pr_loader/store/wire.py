@@ -494,10 +494,9 @@ def staged_in_transaction(
     adopts them by RENAME or drops them: payload bytes never enter Lua) in one round trip: a MULTI
     transaction of MSETs and the EVALSHA (measured faster than SETs with a TTL: fewer commands to pack and
     parse). On a plain socket (:func:`supports`) the payloads go out from their own buffers (:func:`_send`);
-    otherwise through
-    redis-py, whose packing copies them. Should the server have lost its script cache, the stages get a
-    TTL and the script is loaded and run at once. The script gets one more ARGV, last: ``'1'`` when the
-    stages carry a TTL (it drops it on adoption), else ``'0'``."""
+    otherwise through redis-py, whose packing copies them. Should the server have lost its script cache, the
+    stages get a TTL and the script is loaded and run at once. The script gets one more ARGV, last: ``'1'``
+    when the stages carry a TTL (it drops it on adoption), else ``'0'``."""
     if supports(client):
         uploads: list[tuple[Any, ...]] = []
         args: list[Any] = []
