@@ -242,6 +242,8 @@ def payload_buffer(payload: bytes | bytearray | memoryview) -> bytes | memoryvie
     if type(payload) is bytes:
         return payload
     view = memoryview(payload)
+    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+        return view  # (already one: e.g. given again by _frames after BatchStore took it)
     return view.cast("B") if view.c_contiguous else view.tobytes()
 
 
