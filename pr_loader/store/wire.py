@@ -34,6 +34,10 @@ goes out by scatter-gather ``sendmsg`` from the payloads' own buffers (:func:`_f
 redis-py's hiredis packer copies every payload into one command at ~0.4 GB/s on this VM (measured: 21 ms
 for 8 x 1 MiB, against 0.9 ms to join the same bytes), which made the packing cost as much as the raw write
 it was compared with.
+
+Both go over a connection each thread keeps for them (:func:`_connection`), outside the client's pool, its
+socket always blocking: taking one from the pool and switching its socket to blocking and back cost 35-55 us
+per call with cold caches (measured), a fixed cost the raw commands compared with do not pay.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import socket
 import struct
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -142,12 +147,18 @@ class _Buffers:
 _BUFFERS = _Buffers()
 
 
-def _new_buffers_in_child() -> None:  # (a fork may have happened while a parent thread held the lock)
-    global _BUFFERS
+# Each thread's own connection to each pool's server, for the exchanges here (see _connection)
+_HELD: weakref.WeakKeyDictionary[Any, threading.local] = weakref.WeakKeyDictionary()
+_HELD_LOCK = threading.Lock()
+
+
+def _reset_in_child() -> None:  # (a fork may have happened while a parent thread held a lock)
+    global _BUFFERS, _HELD, _HELD_LOCK
     _BUFFERS = _Buffers()
+    _HELD, _HELD_LOCK = weakref.WeakKeyDictionary(), threading.Lock()  # (the parent's sockets are its own)
 
 
-os.register_at_fork(after_in_child=_new_buffers_in_child)
+os.register_at_fork(after_in_child=_reset_in_child)
 
 
 class _Reader:
@@ -373,41 +384,75 @@ def _receive(reader: _Reader) -> tuple[Any, Payloads | Exception | None]:
     return script_reply, payloads
 
 
-def _exchange(client: Any, exchange: Callable[[socket.socket], _T]) -> _T:
-    """Run ``exchange`` (send commands, read their replies) on a connection of ``client``'s pool, its socket
-    blocking (what ``MSG_WAITALL`` and a whole ``sendmsg`` need), the connection's timeout kept as
-    ``SO_RCVTIMEO`` / ``SO_SNDTIMEO``. A refused command raises its ``ResponseError`` (``NoScriptError`` for
-    an unknown script); socket trouble raises ``ConnectionError`` / ``TimeoutError`` and drops the
-    connection (it may be out of step)."""
-    pool = client.connection_pool
-    conn = pool.get_connection()
+def _stale(sock: socket.socket) -> bool:
+    """Whether a connection kept idle can no longer be used: the server closed it (e.g. its ``timeout``) or
+    it holds bytes nobody asked for. One non-blocking peek, as redis-py's pool checks a connection it hands
+    out."""
     try:
-        sock: socket.socket = conn._sock
-        timeout = sock.gettimeout()
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False  # (nothing to read: in step and open)
+    except OSError:
+        return True
+    return True
+
+
+def _connection(pool: Any) -> Any:
+    """This thread's own connection to the server of ``pool``, made with the pool's connection class and
+    settings but kept outside the pool, from call to call (opened by :func:`_open`). Why: taking one from
+    redis-py's pool and switching its socket to blocking and back cost 35-55 us per call with cold caches,
+    right after a big claim; ``benchmarks/bench_store.py`` measured a 16-row prefetch at 1.58-1.68x the raw
+    LPOP that way, 1.20-1.29x with the kept connection. It is closed when its thread ends or the pool is
+    collected; one found closed or out of step (:func:`_stale`) is opened again."""
+    with _HELD_LOCK:
+        held = _HELD.get(pool)
+        if held is None:
+            held = _HELD[pool] = threading.local()
+    conn = getattr(held, "conn", None)
+    if conn is None:
+        conn = held.conn = pool.connection_class(**pool.connection_kwargs)
+    if conn._sock is not None and _stale(conn._sock):
+        conn.disconnect()
+    if conn._sock is None:
+        _open(conn)
+    return conn
+
+
+def _open(conn: Any) -> None:
+    """Connect ``conn`` (redis-py's handshake: AUTH, SELECT, ...; its errors are redis-py's), then make its
+    socket blocking with the connection's timeout as ``SO_RCVTIMEO`` / ``SO_SNDTIMEO``."""
+    conn.connect()
+    sock: socket.socket = conn._sock
+    timeout = sock.gettimeout()
+    seconds = 0.0 if timeout is None else timeout
+    limit = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    try:
         sock.settimeout(None)
-        seconds = 0.0 if timeout is None else timeout
-        limit = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
-        try:
-            result = exchange(sock)
-        finally:
-            sock.settimeout(timeout)
+    except OSError as exc:
+        conn.disconnect()
+        raise redis.ConnectionError(f"Error on the socket: {exc}") from exc
+
+
+def _exchange(client: Any, exchange: Callable[[socket.socket], _T]) -> _T:
+    """Run ``exchange`` (send commands, read their replies) on this thread's connection to ``client``'s server
+    (:func:`_connection`). A refused command raises its ``ResponseError`` (``NoScriptError`` for an unknown
+    script); socket trouble raises ``ConnectionError`` / ``TimeoutError`` and closes the connection (it may
+    be out of step)."""
+    conn = _connection(client.connection_pool)
+    try:
+        return exchange(conn._sock)
     except redis.exceptions.ResponseError:
-        pool.release(conn)
-        raise
+        raise  # (every reply was read: the connection is in step)
     except BlockingIOError as exc:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
         conn.disconnect()
-        pool.release(conn)
         raise redis.TimeoutError(f"Timeout on the socket: {exc}") from exc
     except BaseException as exc:
         conn.disconnect()
-        pool.release(conn)
         if isinstance(exc, OSError):
             raise redis.ConnectionError(f"Error on the socket: {exc}") from exc
         raise
-    pool.release(conn)
-    return result
 
 
 def transact(client: Any, sha: str, script_args: list[Any], xfer: str, pattern: str) -> SizedReply:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -84,7 +85,8 @@ def test_a_stopped_server_times_out_instead_of_hanging(own_server: RedisServer) 
 
 
 def test_the_read_leaves_the_connection_usable(own_server: RedisServer) -> None:
-    """Replies after the transaction are in step: the pool's connection serves ordinary commands next."""
+    """Replies after the transaction are in step: the connection serves the next read, and the client's own
+    connection (from its pool) serves ordinary commands meanwhile."""
     client = own_server.client(max_connections=1)
     store = _store(client)
     for step in range(2):
@@ -215,25 +217,95 @@ def test_a_receive_buffer_in_use_is_never_reused(own_server: RedisServer) -> Non
     client.close()
 
 
-def test_a_forked_child_gets_its_own_buffers(own_server: RedisServer) -> None:
-    """A fork while a parent thread holds the buffer pool's lock leaves the child a pool of its own."""
+def test_a_forked_child_gets_its_own_buffers_and_connections(own_server: RedisServer) -> None:
+    """A fork while a parent thread holds the buffer pool's lock, or the lock of the kept connections,
+    leaves the child its own: it reads through the parent's store without touching the parent's socket,
+    which stays in step."""
     client = own_server.client()
     store = _store(client)
-    store.materialise(0, [(i, b"f%d" % i) for i in range(4)])
-    with wire._BUFFERS._lock:  # (as if a parent thread were inside take() at the fork)
+    for step in range(3):
+        store.materialise(step, [(4 * step + i, b"f%d" % (4 * step + i)) for i in range(4)])
+    parent_sock = wire._connection(client.connection_pool)._sock
+    with wire._BUFFERS._lock, wire._HELD_LOCK:  # (as if parent threads were inside take() / _connection())
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child)
             signal.alarm(20)  # (a deadlock would otherwise hang the test run)
             try:
-                child = BatchStore.open(redis.Redis.from_url(own_server.url), store.config)
-                claimed = child.claim("child", 60, now=0)
+                claimed = store.claim("child", 60, now=0)
                 got = [] if claimed is None else [r.buffer for r in claimed.rows]
                 ok = [bytes(b) for b in got] == [b"f0", b"f1", b"f2", b"f3"] and type(got[0]) is memoryview
+                ok = ok and wire._connection(client.connection_pool)._sock is not parent_sock
                 os._exit(0 if ok else 1)
             except BaseException:
                 os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    claimed = store.claim("parent", 60, now=0)
+    assert claimed is not None and [bytes(r.payload) for r in claimed.rows] == [b"f4", b"f5", b"f6", b"f7"]
+    assert wire._connection(client.connection_pool)._sock is parent_sock
+    client.close()
+
+
+def _server_clients(client: redis.Redis) -> int:
+    return int(client.info("clients")["connected_clients"])
+
+
+def _until(condition: Any) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_each_thread_keeps_a_connection_of_its_own(own_server: RedisServer) -> None:
+    """A thread's reads and uploads go over one connection, kept from call to call outside the client's
+    pool; another thread gets another one, closed when that thread ends."""
+    client = own_server.client()
+    store = _store(client)
+    for step in range(3):
+        store.materialise(step, [(4 * step + i, b"k" * 100) for i in range(4)])
+    conn = wire._connection(client.connection_pool)
+    sock = conn._sock
+    clients = _server_clients(client)  # (the pool's connection and this thread's own)
+    claimed = store.claim("c", 60, now=0)
+    assert claimed is not None
+    store.prefetch(0, "c", 1, 1, now=0)
+    store.postpone(0, "c", [(claimed.rows[0].ref, b"partial")], 2, now=0)
+    assert wire._connection(client.connection_pool) is conn and conn._sock is sock
+    assert _server_clients(client) == clients
+    seen: list[Any] = []
+
+    def other() -> None:
+        seen.append(store.claim("d", 60, now=0))
+        seen.append(wire._connection(client.connection_pool))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen[0] is not None and seen[1] is not conn and seen[1]._sock is not None
+    seen.clear()
+    _until(lambda: _server_clients(client) == clients)  # (the ended thread's connection is closed)
+    client.close()
+
+
+def test_a_connection_the_server_closed_is_opened_again_at_once(
+    own_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kept connection the server closed meanwhile (its ``timeout``, ``CLIENT KILL``) is found closed
+    before use and opened again: no failed attempt, no retry."""
+    client = own_server.client()
+    store = _store(client)
+    store.materialise(0, [(i, b"a" * 100) for i in range(4)])
+    conn = wire._connection(client.connection_pool)
+    old = conn._sock
+    client.client_kill_filter(_type="normal", skipme=True)
+    _until(lambda: wire._stale(old))
+    with caplog.at_level(logging.WARNING, logger="pr_loader"):
+        store.materialise(1, [(4 + i, b"b" * 100) for i in range(4)])
+        claimed = store.claim("c", 60, now=0)
+    assert claimed is not None and [r.payload for r in claimed.rows] == [b"a" * 100] * 4
+    assert conn._sock is not None and conn._sock is not old
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
     client.close()
 
 
