@@ -44,11 +44,11 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import socket
 import struct
 import sys
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -147,18 +147,12 @@ class _Buffers:
 _BUFFERS = _Buffers()
 
 
-# Each thread's own connection to each pool's server, for the exchanges here (see _connection)
-_HELD: weakref.WeakKeyDictionary[Any, threading.local] = weakref.WeakKeyDictionary()
-_HELD_LOCK = threading.Lock()
-
-
-def _reset_in_child() -> None:  # (a fork may have happened while a parent thread held a lock)
-    global _BUFFERS, _HELD, _HELD_LOCK
+def _new_buffers_in_child() -> None:  # (a fork may have happened while a parent thread held the lock)
+    global _BUFFERS
     _BUFFERS = _Buffers()
-    _HELD, _HELD_LOCK = weakref.WeakKeyDictionary(), threading.Lock()  # (the parent's sockets are its own)
 
 
-os.register_at_fork(after_in_child=_reset_in_child)
+os.register_at_fork(after_in_child=_new_buffers_in_child)
 
 
 class _Reader:
@@ -384,55 +378,63 @@ def _receive(reader: _Reader) -> tuple[Any, Payloads | Exception | None]:
     return script_reply, payloads
 
 
-def _stale(sock: socket.socket) -> bool:
-    """Whether a connection kept idle can no longer be used: the server closed it (e.g. its ``timeout``) or
-    it holds bytes nobody asked for. One non-blocking peek, as redis-py's pool checks a connection it hands
-    out."""
-    try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return False  # (nothing to read: in step and open)
-    except OSError:
-        return True
-    return True
+_KEPT = "_pr_loader_wire"  # the attribute of a client's pool that keeps its threads' _Kept (threading.local)
+
+
+class _Kept:
+    """A thread's connection for the exchanges here, the process it belongs to, and a poller of its socket
+    (:func:`_connection`)."""
+
+    __slots__ = ("conn", "pid", "poller")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+        self.poller = select.poll()
+
+    def usable(self) -> bool:
+        """Whether the connection is open and in step: nothing to read on it (an end of file, the server
+        having closed it, e.g. its ``timeout`` or ``CLIENT KILL``, or bytes nobody asked for, would be).
+        One ``poll`` with no wait, as redis-py's pool checks a connection it hands out."""
+        return self.conn._sock is not None and not self.poller.poll(0)
+
+    def open(self) -> None:
+        """Connect (redis-py's handshake: AUTH, SELECT, ...; its errors are redis-py's), then make the socket
+        blocking with the connection's timeout as ``SO_RCVTIMEO`` / ``SO_SNDTIMEO``."""
+        conn = self.conn
+        conn.disconnect()
+        conn.connect()
+        sock: socket.socket = conn._sock
+        timeout = sock.gettimeout()
+        seconds = 0.0 if timeout is None else timeout
+        limit = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+        try:
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+            self.poller = select.poll()
+            self.poller.register(sock, select.POLLIN)
+        except OSError as exc:
+            conn.disconnect()
+            raise redis.ConnectionError(f"Error on the socket: {exc}") from exc
 
 
 def _connection(pool: Any) -> Any:
     """This thread's own connection to the server of ``pool``, made with the pool's connection class and
-    settings but kept outside the pool, from call to call (opened by :func:`_open`). Why: taking one from
+    settings but kept outside the pool, from call to call, its socket always blocking. Why: taking one from
     redis-py's pool and switching its socket to blocking and back cost 35-55 us per call with cold caches,
-    right after a big claim; ``benchmarks/bench_store.py`` measured a 16-row prefetch at 1.58-1.68x the raw
-    LPOP that way, 1.20-1.29x with the kept connection. It is closed when its thread ends or the pool is
-    collected; one found closed or out of step (:func:`_stale`) is opened again."""
-    with _HELD_LOCK:
-        held = _HELD.get(pool)
-        if held is None:
-            held = _HELD[pool] = threading.local()
-    conn = getattr(held, "conn", None)
-    if conn is None:
-        conn = held.conn = pool.connection_class(**pool.connection_kwargs)
-    if conn._sock is not None and _stale(conn._sock):
-        conn.disconnect()
-    if conn._sock is None:
-        _open(conn)
-    return conn
-
-
-def _open(conn: Any) -> None:
-    """Connect ``conn`` (redis-py's handshake: AUTH, SELECT, ...; its errors are redis-py's), then make its
-    socket blocking with the connection's timeout as ``SO_RCVTIMEO`` / ``SO_SNDTIMEO``."""
-    conn.connect()
-    sock: socket.socket = conn._sock
-    timeout = sock.gettimeout()
-    seconds = 0.0 if timeout is None else timeout
-    limit = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-    try:
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
-    except OSError as exc:
-        conn.disconnect()
-        raise redis.ConnectionError(f"Error on the socket: {exc}") from exc
+    right after a big claim (measured). It is closed when its thread ends or the pool is collected (it
+    lives in a ``threading.local`` the pool holds); one found closed or out of step (:meth:`_Kept.usable`)
+    is opened again, and a forked child opens its own."""
+    local = pool.__dict__.get(_KEPT)
+    if local is None:
+        local = pool.__dict__.setdefault(_KEPT, threading.local())  # (atomic: one per pool)
+    kept: _Kept | None = getattr(local, "kept", None)
+    if kept is None or kept.pid != os.getpid():  # (a child must not touch its parent's socket)
+        kept = local.kept = _Kept(pool.connection_class(**pool.connection_kwargs))
+    if not kept.usable():
+        kept.open()
+    return kept.conn
 
 
 def _exchange(client: Any, exchange: Callable[[socket.socket], _T]) -> _T:

@@ -218,15 +218,14 @@ def test_a_receive_buffer_in_use_is_never_reused(own_server: RedisServer) -> Non
 
 
 def test_a_forked_child_gets_its_own_buffers_and_connections(own_server: RedisServer) -> None:
-    """A fork while a parent thread holds the buffer pool's lock, or the lock of the kept connections,
-    leaves the child its own: it reads through the parent's store without touching the parent's socket,
-    which stays in step."""
+    """A fork while a parent thread holds the buffer pool's lock leaves the child a pool of its own; the child
+    reads through the parent's store on a connection of its own: the parent's stays in step."""
     client = own_server.client()
     store = _store(client)
     for step in range(3):
         store.materialise(step, [(4 * step + i, b"f%d" % (4 * step + i)) for i in range(4)])
     parent_sock = wire._connection(client.connection_pool)._sock
-    with wire._BUFFERS._lock, wire._HELD_LOCK:  # (as if parent threads were inside take() / _connection())
+    with wire._BUFFERS._lock:  # (as if a parent thread were inside take() at the fork)
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child)
             signal.alarm(20)  # (a deadlock would otherwise hang the test run)
@@ -298,8 +297,9 @@ def test_a_connection_the_server_closed_is_opened_again_at_once(
     store.materialise(0, [(i, b"a" * 100) for i in range(4)])
     conn = wire._connection(client.connection_pool)
     old = conn._sock
+    kept = client.connection_pool.__dict__[wire._KEPT].kept
     client.client_kill_filter(_type="normal", skipme=True)
-    _until(lambda: wire._stale(old))
+    _until(lambda: not kept.usable())
     with caplog.at_level(logging.WARNING, logger="pr_loader"):
         store.materialise(1, [(4 + i, b"b" * 100) for i in range(4)])
         claimed = store.claim("c", 60, now=0)
