@@ -54,6 +54,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import redis
+from redis._parsers.base import BaseParser
 from redis.commands.core import Script
 
 try:
@@ -298,14 +299,14 @@ def _send(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
             first += 1
 
 
-def _error(message: str) -> redis.exceptions.ResponseError:
-    if message.startswith("NOSCRIPT"):
-        return redis.exceptions.NoScriptError(message)
-    if message.startswith("NOPERM"):
-        return redis.exceptions.NoPermissionError(message)
-    if message.startswith("EXECABORT"):
-        return redis.exceptions.ExecAbortError(message)
-    return redis.exceptions.ResponseError(message)
+_PARSE_ERROR: Callable[[str], redis.exceptions.RedisError] = BaseParser.parse_error  # (redis-py's own)
+
+
+def _error(message: str) -> redis.exceptions.RedisError:
+    """An error reply as the exception redis-py raises for it, with the whole message: ``LOADING`` (a
+    restarted server reading its AOF) is a ``BusyLoadingError``, a ``ConnectionError`` the store retries;
+    ``NOSCRIPT``, ``NOPERM``, ``OOM``, ... their own ``ResponseError`` classes."""
+    return type(_PARSE_ERROR(message))(message)
 
 
 def _bulk_array(sizes_text: bytes) -> tuple[int, tuple[np.ndarray[Any, Any], ...]]:

@@ -330,3 +330,25 @@ def test_an_unreadable_reply_is_a_connection_error() -> None:
 
     with pytest.raises(redis.ConnectionError, match="unreadable reply"):
         wire._read_replies(Garbage(), 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("reply", "kind"),
+    [(b"-LOADING Redis is loading the dataset in memory\r\n", redis.exceptions.BusyLoadingError),
+     (b"-NOSCRIPT No matching script. Please use EVAL.\r\n", redis.exceptions.NoScriptError),
+     (b"-NOPERM this user has no permissions\r\n", redis.exceptions.NoPermissionError),
+     (b"-OOM command not allowed when used memory > 'maxmemory'.\r\n", redis.exceptions.OutOfMemoryError),
+     (b"-ERR unknown command\r\n", redis.exceptions.ResponseError)],
+)
+def test_error_replies_are_redis_pys_exceptions(reply: bytes, kind: type[Exception]) -> None:
+    """Read here, an error reply becomes the exception redis-py raises for it, so the store treats it alike:
+    a server still loading its AOF after a restart is retried (BusyLoadingError is a ConnectionError), not
+    reported as a refused command."""
+
+    class Replies:
+        def recv(self, _: int) -> bytes:
+            return reply
+
+    for got in (wire._read_replies(Replies(), 1)[0], wire._Reader(Replies()).value()):  # type: ignore[arg-type]
+        assert type(got) is kind
+    assert issubclass(redis.exceptions.BusyLoadingError, redis.ConnectionError)
