@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar, cast
 
@@ -320,7 +320,7 @@ class BatchStore:
     @staticmethod
     def _op(op_id: str | None) -> str:
         if op_id is None:
-            return uuid.uuid4().hex
+            return os.urandom(16).hex()  # (a uuid4's randomness, a quarter of its cost)
         if not op_id or any(ch.isspace() for ch in op_id):
             raise ConfigError(f"op_id must be non-empty without whitespace, got {op_id!r}")
         return op_id
@@ -358,7 +358,7 @@ class BatchStore:
             seen.add(index)
             refs.append(f"{epoch}:{index}:0:-")
             payloads.append(wire.payload_buffer(payload))
-        reply = self._staged_script("MATERIALISE", uuid.uuid4().hex, payloads, str(step), *refs)
+        reply = self._staged_script("MATERIALISE", os.urandom(16).hex(), payloads, str(step), *refs)
         return bool(reply[1])
 
     def claim(

