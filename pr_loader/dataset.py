@@ -247,6 +247,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         """Close this process's Redis connection (reopened on next use)."""
         shard, self._shard_state = self._shard_state, None
         if shard is not None and shard.pid == os.getpid():
+            shard.store.close()  # (the connection this thread keeps for payloads, outside the client's pool)
             shard.client.close()
 
     @property

@@ -32,6 +32,7 @@ from pr_loader.errors import (
     UnsupportedSchema,
 )
 from pr_loader.store import scripts, wire
+from pr_loader.store.kept import close_kept
 from pr_loader.store.keys import ShardKeys
 from pr_loader.store.records import (
     ClaimedStep,
@@ -571,6 +572,12 @@ class BatchStore:
         except (redis.ResponseError, KeyError, TypeError):
             stats.server_memory_bytes = None  # no INFO (fakeredis, ACL) or an unexpected reply
         return stats
+
+    def close(self) -> None:
+        """Close the connection the calling thread keeps for this store's payload reads and uploads (one per
+        thread, outside the client's pool: :mod:`pr_loader.store.kept`); the next call opens it again. The
+        client and its pool are the caller's to close."""
+        close_kept(self._client)
 
     def delete_run(self) -> int:
         """Delete every key of this shard; returns how many were deleted."""

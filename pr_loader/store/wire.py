@@ -35,18 +35,14 @@ redis-py's hiredis packer copies every payload into one command at ~0.4 GB/s on 
 for 8 x 1 MiB, against 0.9 ms to join the same bytes), which made the packing cost as much as the raw write
 it was compared with.
 
-Both go over a connection each thread keeps for them (:func:`_connection`), outside the client's pool, its
-socket always blocking: taking one from the pool and switching its socket to blocking and back cost 35-55 us
-per call with cold caches (measured), a fixed cost the raw commands compared with do not pay.
+Both go over a connection each thread keeps for them (:mod:`pr_loader.store.kept`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import select
 import socket
-import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -57,15 +53,16 @@ import redis
 from redis._parsers.base import BaseParser
 from redis.commands.core import Script
 
+from pr_loader.store.kept import thread_connection
+
 try:
     import hiredis
 except ImportError:  # (installed with pr_loader; without it the pipelined read goes through redis-py)
     hiredis = None  # type: ignore[assignment]
 
 __all__ = [
-    "ONE_PIECE", "Payloads", "SizedReply", "payload_buffer", "pipelined", "staged_in_transaction",
-    "staged_then_run",
-    "supports", "transact",
+    "ONE_PIECE", "Payloads", "SizedReply", "payload_buffer", "pipelined",
+    "staged_in_transaction", "staged_then_run", "supports", "transact",
 ]  # fmt: skip
 
 # A reply this big is received in one piece when it can be: redis-py would need 16 reads (GIL releases)
@@ -387,71 +384,12 @@ def _receive(reader: _Reader) -> tuple[Any, Payloads | Exception | None]:
     return script_reply, payloads
 
 
-_KEPT = "_pr_loader_wire"  # the attribute of a client's pool that keeps its threads' _Kept (threading.local)
-
-
-class _Kept:
-    """A thread's connection for the exchanges here, the process it belongs to, and a poller of its socket
-    (:func:`_connection`)."""
-
-    __slots__ = ("conn", "pid", "poller")
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.pid = os.getpid()
-        self.poller = select.poll()
-
-    def usable(self) -> bool:
-        """Whether the connection is open and in step: nothing to read on it (an end of file, the server
-        having closed it, e.g. its ``timeout`` or ``CLIENT KILL``, or bytes nobody asked for, would be).
-        One ``poll`` with no wait, as redis-py's pool checks a connection it hands out."""
-        return self.conn._sock is not None and not self.poller.poll(0)
-
-    def open(self) -> None:
-        """Connect (redis-py's handshake: AUTH, SELECT, ...; its errors are redis-py's), then make the socket
-        blocking with the connection's timeout as ``SO_RCVTIMEO`` / ``SO_SNDTIMEO``."""
-        conn = self.conn
-        conn.disconnect()
-        conn.connect()
-        sock: socket.socket = conn._sock
-        timeout = sock.gettimeout()
-        seconds = 0.0 if timeout is None else timeout
-        limit = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-        try:
-            sock.settimeout(None)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
-            self.poller = select.poll()
-            self.poller.register(sock, select.POLLIN)
-        except OSError as exc:
-            conn.disconnect()
-            raise redis.ConnectionError(f"Error on the socket: {exc}") from exc
-
-
-def _connection(pool: Any) -> Any:
-    """This thread's own connection to the server of ``pool``, made with the pool's connection class and
-    settings but kept outside the pool, from call to call, its socket always blocking. Why: taking one from
-    redis-py's pool and switching its socket to blocking and back cost 35-55 us per call with cold caches,
-    right after a big claim (measured). It is closed when its thread ends or the pool is collected (it
-    lives in a ``threading.local`` the pool holds); one found closed or out of step (:meth:`_Kept.usable`)
-    is opened again, and a forked child opens its own."""
-    local = pool.__dict__.get(_KEPT)
-    if local is None:
-        local = pool.__dict__.setdefault(_KEPT, threading.local())  # (atomic: one per pool)
-    kept: _Kept | None = getattr(local, "kept", None)
-    if kept is None or kept.pid != os.getpid():  # (a child must not touch its parent's socket)
-        kept = local.kept = _Kept(pool.connection_class(**pool.connection_kwargs))
-    if not kept.usable():
-        kept.open()
-    return kept.conn
-
-
 def _exchange(client: Any, exchange: Callable[[socket.socket], _T]) -> _T:
     """Run ``exchange`` (send commands, read their replies) on this thread's connection to ``client``'s server
-    (:func:`_connection`). A refused command raises its ``ResponseError`` (``NoScriptError`` for an unknown
-    script); socket trouble raises ``ConnectionError`` / ``TimeoutError`` and closes the connection (it may
-    be out of step)."""
-    conn = _connection(client.connection_pool)
+    (:func:`pr_loader.store.kept.thread_connection`). A refused command raises its ``ResponseError``
+    (``NoScriptError`` for an unknown script); socket trouble raises ``ConnectionError`` / ``TimeoutError``
+    and closes the connection (it may be out of step)."""
+    conn = thread_connection(client.connection_pool)
     try:
         return exchange(conn._sock)
     except redis.exceptions.ResponseError:

@@ -226,3 +226,33 @@ def test_a_batch_the_caller_drops_is_freed_at_once(
         del batch
         assert tensor() is None
     loader.close()
+
+
+@pytest.mark.parametrize("policy", ["FixedBatch", "PostponeToNext"])
+def test_close_leaves_no_connection_to_redis_open(redis_server: RedisServer, policy: str) -> None:
+    """After ``close()`` no connection of the loader is left open: neither the client's pool nor the
+    connections kept for payload reads and uploads, by the background threads and by the caller's thread
+    (a postpone runs there), even while the cyclic collector is off (it would free a pool kept alive by a
+    reference cycle, and its connections with it, at some later time)."""
+    import gc
+
+    admin = redis_server.client()
+    alone = int(admin.info("clients")["connected_clients"])
+    loader = prl.DataLoader(DATA, batch_size=B, redis_url=redis_server.url, linked=policy != "FixedBatch",
+                            policy=policy)  # fmt: skip
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for item in loader:
+            if policy != "FixedBatch" and item.step == 0:
+                assert item.postpone_samples(item.select_idxs([0])) is True
+        assert int(admin.info("clients")["connected_clients"]) > alone
+        loader.close()
+        deadline = time.monotonic() + 5
+        while int(admin.info("clients")["connected_clients"]) != alone:
+            assert time.monotonic() < deadline, [(c["id"], c["cmd"], c["age"]) for c in admin.client_list()]
+            time.sleep(0.01)
+    finally:
+        if collecting:
+            gc.enable()
+    admin.close()

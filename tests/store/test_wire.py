@@ -17,6 +17,8 @@ import redis
 
 from pr_loader.errors import NoStepReady, StoreUnavailable
 from pr_loader.store import BatchStore, wire
+from pr_loader.store import kept as kept_module
+from pr_loader.store.kept import thread_connection
 from tests.servers import REDIS_SERVER, RedisServer
 from tests.store.conftest import make_config
 
@@ -224,7 +226,7 @@ def test_a_forked_child_gets_its_own_buffers_and_connections(own_server: RedisSe
     store = _store(client)
     for step in range(3):
         store.materialise(step, [(4 * step + i, b"f%d" % (4 * step + i)) for i in range(4)])
-    parent_sock = wire._connection(client.connection_pool)._sock
+    parent_sock = thread_connection(client.connection_pool)._sock
     with wire._BUFFERS._lock:  # (as if a parent thread were inside take() at the fork)
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child)
@@ -233,7 +235,7 @@ def test_a_forked_child_gets_its_own_buffers_and_connections(own_server: RedisSe
                 claimed = store.claim("child", 60, now=0)
                 got = [] if claimed is None else [r.buffer for r in claimed.rows]
                 ok = [bytes(b) for b in got] == [b"f0", b"f1", b"f2", b"f3"] and type(got[0]) is memoryview
-                ok = ok and wire._connection(client.connection_pool)._sock is not parent_sock
+                ok = ok and thread_connection(client.connection_pool)._sock is not parent_sock
                 os._exit(0 if ok else 1)
             except BaseException:
                 os._exit(2)
@@ -241,7 +243,7 @@ def test_a_forked_child_gets_its_own_buffers_and_connections(own_server: RedisSe
     assert os.waitstatus_to_exitcode(status) == 0
     claimed = store.claim("parent", 60, now=0)
     assert claimed is not None and [bytes(r.payload) for r in claimed.rows] == [b"f4", b"f5", b"f6", b"f7"]
-    assert wire._connection(client.connection_pool)._sock is parent_sock
+    assert thread_connection(client.connection_pool)._sock is parent_sock
     client.close()
 
 
@@ -258,32 +260,34 @@ def _until(condition: Any) -> None:
 
 def test_each_thread_keeps_a_connection_of_its_own(own_server: RedisServer) -> None:
     """A thread's reads and uploads go over one connection, kept from call to call outside the client's
-    pool; another thread gets another one, closed when that thread ends."""
+    pool; another thread gets another one, closed as that thread ends."""
     client = own_server.client()
     store = _store(client)
     for step in range(3):
         store.materialise(step, [(4 * step + i, b"k" * 100) for i in range(4)])
-    conn = wire._connection(client.connection_pool)
+    conn = thread_connection(client.connection_pool)
     sock = conn._sock
     clients = _server_clients(client)  # (the pool's connection and this thread's own)
     claimed = store.claim("c", 60, now=0)
     assert claimed is not None
     store.prefetch(0, "c", 1, 1, now=0)
     store.postpone(0, "c", [(claimed.rows[0].ref, b"partial")], 2, now=0)
-    assert wire._connection(client.connection_pool) is conn and conn._sock is sock
+    assert thread_connection(client.connection_pool) is conn and conn._sock is sock
     assert _server_clients(client) == clients
     seen: list[Any] = []
 
     def other() -> None:
         seen.append(store.claim("d", 60, now=0))
-        seen.append(wire._connection(client.connection_pool))
+        kept = thread_connection(client.connection_pool)
+        seen.extend((kept, kept._sock is not None, _server_clients(client)))
 
     thread = threading.Thread(target=other)
     thread.start()
     thread.join()
-    assert seen[0] is not None and seen[1] is not conn and seen[1]._sock is not None
-    seen.clear()
-    _until(lambda: _server_clients(client) == clients)  # (the ended thread's connection is closed)
+    claimed_there, theirs, was_open, clients_then = seen
+    assert claimed_there is not None and theirs is not conn and was_open and clients_then == clients + 1
+    assert theirs._sock is None  # (closed when its thread ended, not when the cyclic collector runs)
+    _until(lambda: _server_clients(client) == clients)
     client.close()
 
 
@@ -295,9 +299,9 @@ def test_a_connection_the_server_closed_is_opened_again_at_once(
     client = own_server.client()
     store = _store(client)
     store.materialise(0, [(i, b"a" * 100) for i in range(4)])
-    conn = wire._connection(client.connection_pool)
+    conn = thread_connection(client.connection_pool)
     old = conn._sock
-    kept = client.connection_pool.__dict__[wire._KEPT].kept
+    kept = client.connection_pool.__dict__[kept_module._ATTRIBUTE].kept
     client.client_kill_filter(_type="normal", skipme=True)
     _until(lambda: not kept.usable())
     with caplog.at_level(logging.WARNING, logger="pr_loader"):
