@@ -1,8 +1,9 @@
 """pr_loader.DataLoader benchmarks: background prefetch, data path against raw redis-py, big samples,
 resume latency on a 1M-sample run, and torch / torchdata loaders side by side.
 
-Run by hand: ``.venv/bin/python benchmarks/bench_loader.py [--quick]``. Starts its own ``redis-server`` on a
-free port in a temp dir (never 6379) and prints a markdown table.
+Run by hand: ``.venv/bin/python benchmarks/bench_loader.py [--quick] [--stock-allocator]``. Starts its own
+``redis-server`` on a free port in a temp dir (never 6379), with the jemalloc option pr_loader's embedded
+server and docker-compose.yml set (``--stock-allocator``: without it), and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ class Synthetic(tud.Dataset[dict[str, Any]]):
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
+def redis_server(stock_allocator: bool = False) -> Iterator[str]:
+    from pr_loader.server import allocator_env
+
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server not found")
@@ -77,6 +80,7 @@ def redis_server() -> Iterator[str]:
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
          "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", os.path.join(tmp, "redis.log")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=None if stock_allocator else allocator_env(),
     )  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
     import redis
@@ -461,6 +465,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer epochs and resume positions")
     parser.add_argument(
+        "--stock-allocator", action="store_true", help="redis-server without pr_loader's jemalloc option"
+    )
+    parser.add_argument(
         "--resume-child", nargs=4, metavar=("URL", "RUN", "STATE", "SPAWNED"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -471,7 +478,7 @@ def main() -> None:
     epochs = 1 if args.quick else 2
     data = [rl_sample(i) for i in range(2048)]
     rows: dict[str, str] = {}
-    with redis_server() as url:
+    with redis_server(args.stock_allocator) as url:
         rows.update(bench_prefetch(url, data, epochs, materialised=True))
         rows.update(bench_prefetch(url, data, epochs, materialised=False))
         rows.update(bench_prefetch(url, data, epochs, materialised=True, busy=True))
@@ -481,7 +488,9 @@ def main() -> None:
         rows.update(bench_big(url, epochs))
         rows.update(bench_resume(url, [0.5] if args.quick else [0.1, 0.5, 0.9]))
         rows.update(bench_throughput(url, data, epochs))
-    print(f"\n| measurement (torch {torch.__version__}, {os.cpu_count()} CPUs) | value |\n|---|---|")
+    allocator = "stock jemalloc" if args.stock_allocator else "jemalloc option"
+    header = f"measurement (torch {torch.__version__}, {os.cpu_count()} CPUs, {allocator})"
+    print(f"\n| {header} | value |\n|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value} |")
 

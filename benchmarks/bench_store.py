@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_store.py [--rows 256] [--payload 25000] [--moved 16] [--iters 60]
 
-Starts its own redis-server (temp dir, free port, never 6379, AOF off unless --fsync is given), then per
+Starts its own redis-server (temp dir, free port, never 6379, AOF off unless --fsync is given, with the
+jemalloc option of pr_loader's embedded server unless --stock-allocator is given), then per
 step: materialise a step ahead, claim, prefetch --moved rows from the next step, postpone --moved rows two
 steps ahead, commit. In steady state every claim delivers exactly --rows rows (arrivals + fresh). The raw
 baseline moves the same payload bytes with plain pipelined commands on lists that hold the payloads themselves
@@ -31,6 +32,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pr_loader.server import allocator_env
 from pr_loader.store import BatchStore, RunConfig
 
 
@@ -43,14 +45,17 @@ def free_port() -> int:
             return port
 
 
-def start_server(data_dir: str, fsync: str | None) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(
+    data_dir: str, fsync: str | None, stock_allocator: bool
+) -> tuple[subprocess.Popen[bytes], int]:
     binary = shutil.which("redis-server")
     if binary is None:
         sys.exit("redis-server not found")
     port = free_port()
     aof = ["--appendonly", "yes", "--appendfsync", fsync] if fsync else ["--appendonly", "no"]
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir, "--save", "", *aof]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = None if stock_allocator else allocator_env()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     client = redis.Redis(port=port)
     for _ in range(500):
         try:
@@ -159,9 +164,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--fsync", choices=["always", "everysec", "no"], default=None,
                         help="turn AOF on with this appendfsync policy (default: AOF off)")
+    parser.add_argument("--stock-allocator", action="store_true",
+                        help="redis-server without pr_loader's jemalloc option")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="prl-bench-") as tmp:
-        proc, port = start_server(tmp, args.fsync)
+        proc, port = start_server(tmp, args.fsync, args.stock_allocator)
         try:
             client = redis.Redis(port=port)
             big = run(client, args.rows, args.payload, args.moved, args.iters, "big")
@@ -169,7 +176,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
-    print(f"\nredis-server on 127.0.0.1:{port}, AOF {args.fsync or 'off'}, {args.iters} steps, "
+    allocator = "stock jemalloc" if args.stock_allocator else "jemalloc option"
+    print(f"\nredis-server on 127.0.0.1:{port} ({allocator}), AOF {args.fsync or 'off'}, {args.iters} steps, "
           f"{args.rows} rows/step, moved {args.moved} rows\n")
     print("| operation | payload | store p50 ms | store p99 ms | raw p50 ms | raw p99 ms | p50 ratio "
           "| target |")

@@ -148,6 +148,34 @@ def test_appendfsync_setting(home: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         default_url(appendfsync="sometimes")
 
 
+def test_allocator_env_adds_the_option_and_keeps_the_users() -> None:
+    option = server.ALLOCATOR_OPTION
+    assert option.startswith("lg_extent_max_active_fit:")
+    env = server.allocator_env({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "MALLOC_CONF": option, "JE_MALLOC_CONF": option}
+    env = server.allocator_env({"MALLOC_CONF": "narenas:2", "JE_MALLOC_CONF": "background_thread:true"})
+    assert env["MALLOC_CONF"] == f"narenas:2,{option}"
+    assert env["JE_MALLOC_CONF"] == f"background_thread:true,{option}"
+    mine = {"MALLOC_CONF": "narenas:2, lg_extent_max_active_fit:6", "JE_MALLOC_CONF": "narenas:1"}
+    mine["JE_MALLOC_CONF"] += ",lg_extent_max_active_fit:8"
+    assert server.allocator_env(mine) == mine  # (the user's own value of the option wins)
+
+
+@needs_redis
+def test_embedded_server_runs_with_the_allocator_option(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    monkeypatch.delenv("JE_MALLOC_CONF", raising=False)
+    client = open_client(default_url())
+    assert isinstance(client, redis.Redis)
+    stats = client.execute_command("MEMORY", "MALLOC-STATS")
+    client.close()
+    text = stats.decode() if isinstance(stats, bytes) else str(stats)
+    if "opt.lg_extent_max_active_fit" not in text:
+        pytest.skip("this redis-server's allocator is not jemalloc")
+    value = server.ALLOCATOR_OPTION.partition(":")[2]
+    assert f"opt.lg_extent_max_active_fit: {value}\n" in text
+
+
 @needs_redis
 def test_long_home_path_uses_short_private_socket(home: Path) -> None:
     deep = home / ("x" * 60) / ("y" * 60)
