@@ -1,6 +1,7 @@
 """Benchmark of the BatchStore against raw redis-py moving the same bytes (run by hand).
 
     .venv/bin/python benchmarks/bench_store.py [--rows 256] [--payload 25000] [--moved 16] [--iters 60]
+                                                 [--fsync POLICY] [--stock-allocator] [--quick]
 
 Starts its own redis-server (temp dir, free port, never 6379, AOF off unless --fsync is given, with the
 jemalloc option of pr_loader's embedded server unless --stock-allocator is given), then per
@@ -166,7 +167,10 @@ def main() -> None:
                         help="turn AOF on with this appendfsync policy (default: AOF off)")
     parser.add_argument("--stock-allocator", action="store_true",
                         help="redis-server without pr_loader's jemalloc option")
+    parser.add_argument("--quick", action="store_true", help="15 steps (a smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.iters = 15
     with tempfile.TemporaryDirectory(prefix="prl-bench-") as tmp:
         proc, port = start_server(tmp, args.fsync, args.stock_allocator)
         try:
