@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/bench_allocator.py [--steps 64] [--rows 256] [--payload 25000] [--quick]
 
-Starts two redis-servers side by side (temp dirs, unix sockets, AOF off): one as installed, one in the
-environment :func:`pr_loader.server.allocator_env` gives (jemalloc's ``lg_extent_max_active_fit`` raised).
+Starts two redis-servers side by side (bench_store's: temp dirs, free ports, AOF off): one as installed,
+one in the environment :func:`pr_loader.server.allocator_env` gives (``lg_extent_max_active_fit`` raised).
 Both get the churn a run's retained window makes: per step, ``--rows`` payloads written (one SET each, in a
 pipeline), read back (MGET) and the payloads of the step ``--window`` steps back deleted, taking turns step
 by step. Prints, per server, the server's CPU per step (``INFO cpu``), its RSS against the data it holds
@@ -26,29 +26,20 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pr_loader.server import ALLOCATOR_OPTION, allocator_env
+from bench_store import start_server  # (bench_store's redis-server, with or without the option)
+
+from pr_loader.server import ALLOCATOR_OPTION
 
 
 class Server:
-    def __init__(self, name: str, env: dict[str, str] | None, tmp: str) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            sys.exit("redis-server not found")
+    def __init__(self, name: str, stock_allocator: bool, tmp: str) -> None:
         self.name, self.dir = name, os.path.join(tmp, name)
         os.mkdir(self.dir)
-        sock = os.path.join(self.dir, "redis.sock")
-        args = [binary, "--port", "0", "--unixsocket", sock, "--dir", self.dir, "--save", "",
-                "--appendonly", "no"]  # fmt: skip
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = redis.Redis(unix_socket_path=sock)
-        for _ in range(500):
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.01)
+        self.proc, port = start_server(self.dir, None, stock_allocator)
+        self.client = redis.Redis(port=port)
         self.cpu = 0.0
         self.trace: subprocess.Popen[bytes] | None = None
+        self.trace_log: Path = Path(self.dir, "strace.txt")
 
     def cpu_seconds(self) -> float:
         info = self.client.info("cpu")
@@ -85,7 +76,7 @@ def main() -> None:
     blob = os.urandom(args.payload)
     payloads = [blob[:-8] + i.to_bytes(8, "little") for i in range(args.rows)]
     with tempfile.TemporaryDirectory(prefix="prl-bench-") as tmp:
-        servers = [Server("installed", None, tmp), Server("option", allocator_env(), tmp)]
+        servers = [Server("installed", True, tmp), Server("option", False, tmp)]
         try:
             for s in range(args.window):  # the retained window, untimed
                 for server in servers:
@@ -93,9 +84,10 @@ def main() -> None:
             for server in servers:
                 server.cpu = 0.0
                 if args.strace and shutil.which("strace"):
-                    log = open(os.path.join(server.dir, "strace.txt"), "w")  # noqa: SIM115
-                    trace = ["strace", "-f", "-e", "trace=madvise", "-p", str(server.proc.pid)]
-                    server.trace = subprocess.Popen(trace, stdout=subprocess.DEVNULL, stderr=log)
+                    trace = ["strace", "-f", "-o", str(server.trace_log), "-e", "trace=madvise", "-p",
+                             str(server.proc.pid)]  # fmt: skip
+                    quiet = subprocess.DEVNULL
+                    server.trace = subprocess.Popen(trace, stdout=quiet, stderr=quiet)
             time.sleep(0.5 if args.strace else 0)
             for s in range(args.window, args.window + args.steps):
                 for server in servers[:: 1 if s % 2 else -1]:  # taking turns at going first
@@ -108,7 +100,7 @@ def main() -> None:
                 if server.trace is not None:
                     server.trace.send_signal(signal.SIGINT)
                     server.trace.wait()
-                    text = Path(server.dir, "strace.txt").read_text()
+                    text = server.trace_log.read_text()
                     calls = str(text.count("MADV_DONTNEED") + text.count("MADV_FREE"))
                 label = "as installed" if server.name == "installed" else f"with {ALLOCATOR_OPTION}"
                 print(f"| {label} | {server.cpu / args.steps * 1000:.2f} ms "
