@@ -4,8 +4,9 @@ Why: ``default_collate`` over ``codec.decode(copy=False)`` rows pays for one ``t
 tensor (~3 us) and then a ``torch.stack`` per column; for a step of many small rows (an RL step: 256 rows of
 8 KiB tensors) that is several times the cost of copying the bytes. Here a tensor stays a
 :class:`~pr_loader.codec.RawTensor` until its whole column is known; the rows' bytes are then joined straight
-from the payloads into one fresh buffer, seen as the tensor ``torch.stack`` would give (same dtype, shape
-and strides, memory of its own). Rows from 256 KiB go to ``torch.stack`` itself: its copy uses all of
+from the payloads into one buffer, seen as the tensor ``torch.stack`` would give (same dtype, shape and
+strides, memory of its own: fresh, or recycled from a batch nothing holds any more, see
+:mod:`pr_loader.batch_memory`). Rows from 256 KiB go to ``torch.stack`` itself: its copy uses all of
 torch's threads, and per-row overhead no longer matters.
 
 Parity with ``default_collate`` holds by construction: torch's own recursion
@@ -15,9 +16,9 @@ real tensors before torch's own handlers see them, so results and errors are tor
 
 * a column of RawTensors of one dtype and shape below 256 KiB, in the main process, under torch's own tensor
   handler takes the fast path; from 256 KiB such a column's zero-copy views are stacked by ``torch.stack``
-  as ``collate_tensor_fn`` does, into a fresh tensor of ours (see :func:`_empty`); otherwise (mixed values,
-  different shapes, zero-size tensors, a DataLoader worker, which stacks into shared memory) zero-copy views
-  go to ``collate_tensor_fn``, whose ``torch.stack`` copies;
+  as ``collate_tensor_fn`` does, into a tensor of ours; otherwise (mixed values, different shapes, zero-size
+  tensors, a DataLoader worker, which stacks into shared memory) zero-copy views go to ``collate_tensor_fn``,
+  whose ``torch.stack`` copies;
 * any other column's handler gets rows whose RawTensors are private tensors;
 * a RawTensor where torch expects a container (a dict in row 0, a tensor in row 1) raises
   :class:`~pr_loader.codec.NeedsTensor`, and the batch starts over from real tensors.
@@ -27,8 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import mmap
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch
 from torch.utils.data import default_collate, get_worker_info
 from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
 
+from pr_loader import batch_memory
 from pr_loader.codec import NeedsTensor, RawTensor
 
 __all__ = ["collate_raw", "materialise", "stack_raw", "uniform_raw"]
@@ -46,11 +46,6 @@ Handlers = tuple[tuple[type | tuple[type, ...], Callable[..., Any]], ...]
 
 _ATOMS = frozenset({str, bytes, int, float, bool, type(None)})
 _STACK_ROW = 1 << 18  # from this row size torch.stack's multi-threaded copy beats one joining thread
-_HUGE_BATCH = 4 << 20  # from this size a batch tensor is advised onto transparent huge pages (see _empty)
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
-_madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None) if sys.platform == "linux" else None
-if _madvise is not None:
-    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def materialise(obj: Any, copy: bool = True) -> Any:
@@ -79,23 +74,6 @@ def materialise(obj: Any, copy: bool = True) -> Any:
     return obj
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty``, advised onto transparent huge pages (``madvise(MADV_HUGEPAGE)``, as numpy does for
-    its big arrays) when it is big. glibc gives a freed block above its mmap threshold (which adapts, up to
-    32 MiB) back to the kernel, so such a batch tensor is faulted in afresh every step, 4 KiB at a time, at
-    a cost above that of the copy into it: filling a 64 MiB batch took 25.7-26.7 ms as it is, 6.1-6.2 ms
-    advised (16 MiB: 3.4-6.1 against 1.5-2.1 ms; measured on this project's 2-core VM). Advice only: where
-    the kernel has no huge pages for it (THP off, not Linux) nothing changes."""
-    out = torch.empty(shape, dtype=dtype)
-    nbytes = out.nbytes
-    if nbytes >= _HUGE_BATCH and _madvise is not None and _MADV_HUGEPAGE is not None:
-        page = mmap.PAGESIZE
-        start = -(-out.data_ptr() // page) * page
-        end = (out.data_ptr() + nbytes) // page * page
-        _madvise(start, end - start, _MADV_HUGEPAGE)  # (its error, e.g. EINVAL without THP, changes nothing)
-    return out
-
-
 def uniform_raw(values: list[Any]) -> bool:
     """Whether ``values`` are RawTensor records of one dtype and one non-empty shape (a column
     :func:`stack_raw` takes)."""
@@ -108,10 +86,10 @@ def uniform_raw(values: list[Any]) -> bool:
 
 def stack_raw(batch: list[RawTensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """``torch.stack`` of the rows' tensors: each row's bytes copied once, straight from its payload, into a
-    ``torch.empty`` tensor, so that the result is ``torch.stack``'s in every respect (torch's own aligned,
-    resizable storage: a bytearray's, or one numpy has seen, can never grow). The copy goes through a ctypes
-    view of the new tensor's memory, which leaves the storage's flags alone."""
-    out = _empty((len(batch), *shape), dtype)
+    tensor of :func:`pr_loader.batch_memory.empty`, so that the result is ``torch.stack``'s in every respect
+    (torch's own aligned, resizable storage: a bytearray's, or one numpy has seen, can never grow). The copy
+    goes through a ctypes view of the new tensor's memory, which leaves the storage's flags alone."""
+    out = batch_memory.empty((len(batch), *shape), dtype)
     size = batch[0].data.nbytes
     dest = memoryview((ctypes.c_char * (size * len(batch))).from_address(out.data_ptr())).cast("B")
     for i, row in enumerate(batch):
@@ -130,7 +108,7 @@ def _collate_raw_column(batch: list[Any], *, collate_fn_map: CollateFnMap | None
         return stack_raw(batch, dtype, shape)
     views = [row.tensor(copy=False) if type(row) is RawTensor else row for row in batch]
     if uniform:  # (what collate_tensor_fn does in the main process, into a tensor of ours)
-        return torch.stack(views, 0, out=_empty((len(batch), *shape), dtype))
+        return torch.stack(views, 0, out=batch_memory.empty((len(batch), *shape), dtype))
     return collate_tensor_fn(views, collate_fn_map=collate_fn_map)
 
 

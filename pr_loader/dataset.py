@@ -27,7 +27,7 @@ import redis
 import torch
 import torch.utils.data as tud
 
-from pr_loader import codec
+from pr_loader import batch_memory, codec
 from pr_loader.collate import collate_raw
 from pr_loader.dataset_meta import fingerprint, positive_int, rank_and_world, read_item, shard_sampler
 from pr_loader.errors import (
@@ -166,6 +166,8 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         self.epoch_from_store = False  # pr_loader.DataLoader workers read the pinned epoch from Redis
         self._pinned_epoch: int | None = None
         self._shard_state: _Shard | None = None
+        # big batch tensors are collated into recycled memory (see pr_loader.batch_memory)
+        self.batch_memory: batch_memory.BatchMemory | None = batch_memory.BatchMemory()
         self.create_run = True  # False once a state_dict named the run: it must exist
 
     # ------------------------------------------------------------------ configuration
@@ -198,6 +200,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_shard_state"] = None
+        state["batch_memory"] = None  # (a worker never recycles: see pr_loader.batch_memory)
         return state
 
     # ------------------------------------------------------------------ Redis handles
@@ -246,6 +249,8 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
     def close(self) -> None:
         """Close this process's Redis connection (reopened on next use)."""
         shard, self._shard_state = self._shard_state, None
+        if self.batch_memory is not None:
+            self.batch_memory.clear()
         if shard is not None and shard.pid == os.getpid():
             shard.store.close()  # (the connection this thread keeps for payloads, outside the client's pool)
             shard.client.close()
@@ -470,12 +475,13 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         """What a claimed step yields: a bound view (``linked``), the collated batch, or :class:`EmptyStep`
         when every row of a collated step was dead-lettered (the caller commits and skips it). ``ahead``:
         samples decoded before the claim (:meth:`decode_ahead`)."""
-        if self.linked:
-            from pr_loader.linked import LinkedDataProto
+        with batch_memory.using(self.batch_memory):
+            if self.linked:
+                from pr_loader.linked import LinkedDataProto
 
-            return LinkedDataProto.from_claim(claimed, self.session(claimed.step), ahead)
-        samples = self.decode(claimed, ahead)
-        return self.collate(samples) if samples else EmptyStep()
+                return LinkedDataProto.from_claim(claimed, self.session(claimed.step), ahead)
+            samples = self.decode(claimed, ahead)
+            return self.collate(samples) if samples else EmptyStep()
 
     def epoch_for_iteration(self) -> int:
         """The epoch the next ``iter()`` covers."""

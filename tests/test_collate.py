@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-import pr_loader.collate as pr_collate
-from pr_loader import codec
+from pr_loader import batch_memory, codec
 from pr_loader.collate import collate_raw, materialise
 from tests.test_codec import TORCH_DTYPES, object_array, random_tensor
 
@@ -190,16 +189,16 @@ def test_big_batches_are_advised_onto_huge_pages(
 ) -> None:
     """A batch tensor of 4 MiB or more gets madvise(MADV_HUGEPAGE) over the whole pages inside it; smaller
     ones get no advice. Results stay default_collate's (check())."""
-    if pr_collate._madvise is None or pr_collate._MADV_HUGEPAGE is None:
+    if batch_memory._madvise is None or batch_memory._MADV_HUGEPAGE is None:
         pytest.skip("madvise(MADV_HUGEPAGE) is Linux only")
     calls: list[tuple[int, int, int]] = []
-    real = pr_collate._madvise
+    real = batch_memory._madvise
 
     def spy(start: int, length: int, advice: int) -> int:
         calls.append((start, length, advice))
         return int(real(start, length, advice))
 
-    monkeypatch.setattr(pr_collate, "_madvise", spy)
+    monkeypatch.setattr(batch_memory, "_madvise", spy)
     ok, batch = check([{"t": torch.full(row_shape, i, dtype=torch.int64)} for i in range(rows)])
     assert ok
     tensor = batch["t"]

@@ -1,0 +1,59 @@
+"""Collating into fresh against recycled batch memory (run by hand; no Redis).
+
+    .venv/bin/python benchmarks/bench_batch_memory.py [--rounds 200] [--quick]
+
+Per batch size (16 and 64 rows of 1 MiB), ``torch.stack`` of the rows into a batch tensor, the consumer
+holding the newest batch and dropping the one before, as a training loop does: into a fresh tensor
+(``pr_loader.batch_memory``'s ``torch.empty`` with its huge-page advice, what every batch got before
+batches were recycled) and into one from a :class:`~pr_loader.batch_memory.BatchMemory`. The two take
+turns, a round each, in this one process; prints the medians and their ratio. The copy itself is the
+floor: recycled memory is already faulted in, so only the copy remains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pr_loader.batch_memory import BatchMemory, _fresh
+
+MiB = 1 << 20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    args = parser.parse_args()
+    rounds = 10 if args.quick else args.rounds
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds per size\n")
+    print("| batch | fresh tensor p50 | recycled p50 | fresh / recycled |")
+    print("|---|---|---|---|")
+    for count in (16, 64):
+        rows = [torch.full((MiB,), i, dtype=torch.uint8) for i in range(count)]
+        memory = BatchMemory()
+        times: dict[str, list[float]] = {"fresh": [], "recycled": []}
+        held: dict[str, torch.Tensor] = {}
+        for r in range(2 * rounds + 4):  # (the first round of each: the warm-up)
+            kind = "fresh" if r % 2 else "recycled"
+            start = time.perf_counter()
+            shape = (count, MiB)
+            out = _fresh(shape, torch.uint8) if kind == "fresh" else memory.empty(shape, torch.uint8)
+            torch.stack(rows, 0, out=out)
+            if r >= 2:
+                times[kind].append(time.perf_counter() - start)
+            held[kind] = out  # (the consumer holds the newest batch of its kind, dropping the one before)
+            del out
+        fresh, recycled = (statistics.median(times[k]) * 1000 for k in ("fresh", "recycled"))
+        print(f"| {count} x 1 MiB | {fresh:.2f} ms | {recycled:.2f} ms | {fresh / recycled:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
