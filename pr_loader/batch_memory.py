@@ -13,9 +13,10 @@ it is alive anywhere) and only for a tensor of exactly its size, so every tensor
 indistinguishable from a ``torch.empty`` one: its own contiguous, resizable storage, no ``_base``. The
 strong count comes from ``torch._C._storage_Use_Count``; where a torch build lacks it, nothing is recycled.
 
-A :class:`~pr_loader.dataset.RedisBatchDataset` owns one (``close()`` empties it) and makes it the current
-one (:func:`using`) while it builds a batch; :func:`empty` draws from the current one. DataLoader worker
-processes never recycle: their batches travel to the main process through shared memory.
+A :class:`~pr_loader.dataset.RedisBatchDataset` owns one (the end of a DataLoader's epoch and ``close()``
+empty it) and makes it the current one (:func:`using`) while it builds a batch; :func:`empty` draws from
+the current one. DataLoader worker processes never recycle: their batches travel to the main process
+through shared memory.
 """
 
 from __future__ import annotations

@@ -481,9 +481,9 @@ class LoaderIter:
             self.heartbeat.stop()
 
     def close(self, *, finished: bool = False) -> None:
-        """Stop the heartbeat and (unless the epoch finished and they persist) the worker processes, and wait
-        for this iterator's background work; in-flight steps stay claimed until the next iter() releases
-        them."""
+        """Stop the heartbeat and (unless the epoch finished and they persist) the worker processes, wait for
+        this iterator's background work and let the recycled batch memory go; in-flight steps stay claimed
+        until the next iter() releases them."""
         if self.done:
             return
         self.done = True
@@ -495,6 +495,8 @@ class LoaderIter:
         for pool in self.pools:  # wait for this iterator's tasks: each pool runs its tasks in order
             if pool is not None:
                 pool.submit(no_op).result()
+        if self.source.batch_memory is not None:  # (between epochs the memory goes back, not kept idle)
+            self.source.batch_memory.clear()
         if self.worker_iter is not None and not (finished and self.loader.persistent_workers):
             stop_workers(self.worker_iter)
             self.loader._workers = None

@@ -134,10 +134,12 @@ def test_loader_batches_recycle_dropped_batches_and_never_touch_kept_ones(
     redis_server: RedisServer, keep: bool, linked: bool
 ) -> None:
     """Against a real Redis, over three epochs: batches the caller drops give their memory to later
-    batches, batches the caller keeps (every one of three epochs) keep their values, and the loader still
-    yields exactly torch's batches."""
+    batches, batches the caller keeps (every one of three epochs) keep their values, the loader still
+    yields exactly torch's batches, and the pool lets its memory go when an epoch ends."""
     data = BigSamples()
     loader = prl.DataLoader(data, batch_size=4, redis_url=redis_server.url, linked=linked)
+    memory = loader.source.batch_memory
+    assert memory is not None
     kept: list[list[Any]] = []
     for _ in range(3):
         epoch = []
@@ -148,8 +150,7 @@ def test_loader_batches_recycle_dropped_batches_and_never_touch_kept_ones(
                 kept.append([blob])
             del batch, blob
         kept.append(epoch)
-    memory = loader.source.batch_memory
-    assert memory is not None
+        assert len(memory) == 0  # (let go at the end of each epoch)
     assert (memory.reused > 0) is not keep
     reference = [[b["blob"] for b in tud.DataLoader(data, batch_size=4)] for _ in range(3)]
     copies = [epoch for epoch in kept if len(epoch) > 1]
