@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/bench_allocator.py [--steps 64] [--rows 256] [--payload 25000] [--quick]
 
 Starts two redis-servers side by side (bench_store's: temp dirs, free ports, AOF off): one as installed,
-one in the environment :func:`pr_loader.server.allocator_env` gives (``lg_extent_max_active_fit`` raised).
-Both get the churn a run's retained window makes: per step, ``--rows`` payloads written (one SET each, in a
-pipeline), read back (MGET) and the payloads of the step ``--window`` steps back deleted, taking turns step
-by step. Prints, per server, the server's CPU per step (``INFO cpu``), its RSS against the data it holds
-(``INFO memory``) and its ``madvise`` calls when ``strace`` is installed (``--strace``).
+one in the environment :func:`pr_loader.server.allocator_env` gives (``lg_extent_max_active_fit`` raised,
+``muzzy_decay_ms`` at -1). Both get the churn a run's retained window makes: per step, ``--rows`` payloads
+written (one SET each, in a pipeline), read back (MGET) and the payloads of the step ``--window`` steps back
+deleted, taking turns step by step. Prints, per server, the server's CPU per step (``INFO cpu``), its RSS
+against the data it holds (``INFO memory``) and its ``madvise`` calls when ``strace`` is installed
+(``--strace``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_store import start_server  # (bench_store's redis-server, with or without the option)
 
-from pr_loader.server import ALLOCATOR_OPTION
+from pr_loader.server import ALLOCATOR_OPTIONS
 
 
 class Server:
@@ -102,7 +103,8 @@ def main() -> None:
                     server.trace.wait()
                     text = server.trace_log.read_text()
                     calls = str(text.count("MADV_DONTNEED") + text.count("MADV_FREE"))
-                label = "as installed" if server.name == "installed" else f"with {ALLOCATOR_OPTION}"
+                options = ",".join(ALLOCATOR_OPTIONS)
+                label = "as installed" if server.name == "installed" else f"with {options}"
                 print(f"| {label} | {server.cpu / args.steps * 1000:.2f} ms "
                       f"| {memory['used_memory_rss'] / 1e6:.0f} / {memory['used_memory'] / 1e6:.0f} MB "
                       f"| {calls} |")  # fmt: skip

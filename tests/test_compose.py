@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pr_loader.server import ALLOCATOR_OPTION
+from pr_loader.server import ALLOCATOR_OPTIONS
 from tests.servers import REDIS_SERVER, RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,8 @@ def test_compose_config() -> None:
     assert re.search(rf"- --requirepass\n\s+- {PASSWORD}\n", redis_part)
     assert f"REDISCLI_AUTH: {PASSWORD}" in redis_part
     for variable in ("JE_MALLOC_CONF", "MALLOC_CONF"):  # the embedded server's jemalloc option, both builds
-        assert re.search(rf"^\s+{variable}: {re.escape(ALLOCATOR_OPTION)}$", redis_part, re.MULTILINE)
+        options = re.escape(",".join(ALLOCATOR_OPTIONS))
+        assert re.search(rf"^\s+{variable}: {options}$", redis_part, re.MULTILINE)
     assert "redis-data:/data:rw" in redis_part
     assert re.search(r"docker/redis\.conf:/usr/local/etc/redis/redis\.conf:ro", redis_part)
     assert "redis-cli ping" in redis_part and "healthcheck:" in redis_part

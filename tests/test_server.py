@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -148,17 +149,20 @@ def test_appendfsync_setting(home: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         default_url(appendfsync="sometimes")
 
 
-def test_allocator_env_adds_the_option_and_keeps_the_users() -> None:
-    option = server.ALLOCATOR_OPTION
-    assert option.startswith("lg_extent_max_active_fit:")
+def test_allocator_env_adds_the_options_and_keeps_the_users() -> None:
+    options = ",".join(server.ALLOCATOR_OPTIONS)
+    assert options == "lg_extent_max_active_fit:10,muzzy_decay_ms:-1"
     env = server.allocator_env({"PATH": "/bin"})
-    assert env == {"PATH": "/bin", "MALLOC_CONF": option, "JE_MALLOC_CONF": option}
+    assert env == {"PATH": "/bin", "MALLOC_CONF": options, "JE_MALLOC_CONF": options}
     env = server.allocator_env({"MALLOC_CONF": "narenas:2", "JE_MALLOC_CONF": "background_thread:true"})
-    assert env["MALLOC_CONF"] == f"narenas:2,{option}"
-    assert env["JE_MALLOC_CONF"] == f"background_thread:true,{option}"
-    mine = {"MALLOC_CONF": "narenas:2, lg_extent_max_active_fit:6", "JE_MALLOC_CONF": "narenas:1"}
-    mine["JE_MALLOC_CONF"] += ",lg_extent_max_active_fit:8"
-    assert server.allocator_env(mine) == mine  # (the user's own value of the option wins)
+    assert env["MALLOC_CONF"] == f"narenas:2,{options}"
+    assert env["JE_MALLOC_CONF"] == f"background_thread:true,{options}"
+    mine = {"MALLOC_CONF": "narenas:2, lg_extent_max_active_fit:6", "JE_MALLOC_CONF": "muzzy_decay_ms:100"}
+    env = server.allocator_env(mine)  # (the user's own value of an option wins; the other one is added)
+    assert env["MALLOC_CONF"] == "narenas:2, lg_extent_max_active_fit:6,muzzy_decay_ms:-1"
+    assert env["JE_MALLOC_CONF"] == "muzzy_decay_ms:100,lg_extent_max_active_fit:10"
+    both = {"MALLOC_CONF": "muzzy_decay_ms:5,lg_extent_max_active_fit:8"}
+    assert server.allocator_env(both)["MALLOC_CONF"] == both["MALLOC_CONF"]
 
 
 @needs_redis
@@ -172,8 +176,9 @@ def test_embedded_server_runs_with_the_allocator_option(home: Path, monkeypatch:
     text = stats.decode() if isinstance(stats, bytes) else str(stats)
     if "opt.lg_extent_max_active_fit" not in text:
         pytest.skip("this redis-server's allocator is not jemalloc")
-    value = server.ALLOCATOR_OPTION.partition(":")[2]
-    assert f"opt.lg_extent_max_active_fit: {value}\n" in text
+    for option in server.ALLOCATOR_OPTIONS:
+        name, _, value = option.partition(":")
+        assert re.search(rf"opt\.{name}: {re.escape(value)}\b", text), name
 
 
 @needs_redis
