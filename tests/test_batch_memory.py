@@ -71,7 +71,15 @@ def test_memory_moved_to_shared_memory_is_dropped_not_reused() -> None:
 
 def test_a_reused_tensor_is_like_a_new_one() -> None:
     memory = BatchMemory()
-    for shape, dtype in [((3, 5, 1 << 16), torch.float32), ((2, 1, MiB), torch.uint8), ((MiB,), torch.int16)]:
+    cases = [
+        ((3, 5, 1 << 16), torch.float32),
+        ((2, 1, MiB), torch.uint8),
+        ((MiB,), torch.int16),
+        ((2, MiB), torch.bool),
+        ((4, 1 << 18), torch.bfloat16),
+        ((2, 1 << 16), torch.complex128),
+    ]
+    for shape, dtype in cases:
         del_me = memory.empty(shape, dtype)
         del del_me
         got, want = memory.empty(shape, dtype), torch.empty(shape, dtype=dtype)
@@ -81,7 +89,7 @@ def test_a_reused_tensor_is_like_a_new_one() -> None:
         assert got.is_contiguous() and got._base is None and not got.requires_grad
         assert got.untyped_storage().nbytes() == want.untyped_storage().nbytes()
         got.resize_(2 * got.numel())  # torch's own resizable storage
-    assert memory.reused == 3
+    assert memory.reused == len(cases)
 
 
 def test_sizes_below_the_threshold_other_sizes_and_a_full_pool() -> None:
