@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,34 +65,13 @@ class Synthetic(tud.Dataset[dict[str, Any]]):
 
 @contextmanager
 def redis_server(stock_allocator: bool = False) -> Iterator[str]:
-    from pr_loader.server import allocator_env
+    """bench_store's redis-server (free port, never 6379), with AOF everysec, in a temp dir."""
+    from bench_store import start_server  # (here: the resume child does not need it)
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    assert port != 6379
     tmp = tempfile.mkdtemp(prefix="prl-bench-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
-         "--appendonly", "yes", "--appendfsync", "everysec", "--logfile", os.path.join(tmp, "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=None if stock_allocator else allocator_env(),
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    import redis
-
-    client = redis.Redis.from_url(url)
-    for _ in range(500):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.01)
+    proc, port = start_server(tmp, "everysec", stock_allocator)
     try:
-        yield url
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -118,7 +118,7 @@ class BatchMemory:
             self._keepers = [k for k in self._keepers if not k.tensor.untyped_storage().is_shared()]
             free = [k for k in self._keepers if k.free()]
             for keeper in free:
-                if keeper.tensor.nbytes == nbytes and keeper.tensor.untyped_storage().nbytes() == nbytes:
+                if keeper.tensor.untyped_storage().nbytes() == nbytes:  # (a resize changes it)
                     self._drop(keeper)
                     self._keepers.append(keeper)  # (most recently used last)
                     self.reused += 1
