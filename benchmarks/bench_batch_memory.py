@@ -2,12 +2,13 @@
 
     .venv/bin/python benchmarks/bench_batch_memory.py [--rounds 200] [--quick]
 
-Per batch size (16 and 64 rows of 1 MiB), ``torch.stack`` of the rows into a batch tensor, the consumer
-holding the newest batch and dropping the one before, as a training loop does: into a fresh tensor
-(``pr_loader.batch_memory``'s ``torch.empty`` with its huge-page advice, what every batch got before
-batches were recycled) and into one from a :class:`~pr_loader.batch_memory.BatchMemory`. The two take
-turns, a round each, in this one process; prints the medians and their ratio. The copy itself is the
-floor: recycled memory is already faulted in, so only the copy remains.
+Per batch size (16 and 64 rows of 1 MiB), the loader's collate of the rows' payloads into a batch tensor
+(``pr_loader.collate.stack_raw``), the consumer holding the newest batch and dropping the one before, as a
+training loop does: into a fresh tensor (``pr_loader.batch_memory``'s ``torch.empty`` with its huge-page
+advice, what every batch got before batches were recycled) and into one from a
+:class:`~pr_loader.batch_memory.BatchMemory`. The two take turns, a round each, in this one process;
+prints the medians and their ratio. The copy itself is the floor: recycled memory is already faulted in,
+so only the copy remains.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pr_loader.batch_memory import BatchMemory, _fresh
+from pr_loader import batch_memory, codec
+from pr_loader.collate import stack_raw
 
 MiB = 1 << 20
 
@@ -37,16 +39,16 @@ def main() -> None:
     print("| batch | fresh tensor p50 | recycled p50 | fresh / recycled |")
     print("|---|---|---|---|")
     for count in (16, 64):
-        rows = [torch.full((MiB,), i, dtype=torch.uint8) for i in range(count)]
-        memory = BatchMemory()
+        payloads = [codec.encode({"row": torch.full((MiB,), i, dtype=torch.uint8)}) for i in range(count)]
+        rows = [codec.decode_raw_tensors(payload)["row"] for payload in payloads]
+        memory = batch_memory.BatchMemory()
         times: dict[str, list[float]] = {"fresh": [], "recycled": []}
         held: dict[str, torch.Tensor] = {}
         for r in range(2 * rounds + 4):  # (the first round of each: the warm-up)
             kind = "fresh" if r % 2 else "recycled"
             start = time.perf_counter()
-            shape = (count, MiB)
-            out = _fresh(shape, torch.uint8) if kind == "fresh" else memory.empty(shape, torch.uint8)
-            torch.stack(rows, 0, out=out)
+            with batch_memory.using(None if kind == "fresh" else memory):
+                out = stack_raw(rows, torch.uint8, (MiB,))
             if r >= 2:
                 times[kind].append(time.perf_counter() - start)
             held[kind] = out  # (the consumer holds the newest batch of its kind, dropping the one before)

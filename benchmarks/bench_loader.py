@@ -1,9 +1,10 @@
 """pr_loader.DataLoader benchmarks: background prefetch, data path against raw redis-py, big samples,
 resume latency on a 1M-sample run, and torch / torchdata loaders side by side.
 
-Run by hand: ``.venv/bin/python benchmarks/bench_loader.py [--quick] [--stock-allocator]``. Starts its own
-``redis-server`` on a free port in a temp dir (never 6379), with the jemalloc option pr_loader's embedded
-server and docker-compose.yml set (``--stock-allocator``: without it), and prints a markdown table.
+Run by hand: ``.venv/bin/python benchmarks/bench_loader.py [--quick] [--stock-allocator] [--no-aof-rewrite]``.
+Starts its own ``redis-server`` on a free port in a temp dir (never 6379), with the jemalloc option
+pr_loader's embedded server and docker-compose.yml set (``--stock-allocator``: without it), and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -64,12 +65,16 @@ class Synthetic(tud.Dataset[dict[str, Any]]):
 
 
 @contextmanager
-def redis_server(stock_allocator: bool = False) -> Iterator[str]:
-    """bench_store's redis-server (free port, never 6379), with AOF everysec, in a temp dir."""
+def redis_server(stock_allocator: bool = False, aof_rewrite: bool = True) -> Iterator[str]:
+    """bench_store's redis-server (free port, never 6379), with AOF everysec, in a temp dir; ``aof_rewrite``
+    False turns its automatic AOF rewrite off (``auto-aof-rewrite-percentage 0``)."""
+    import redis
     from bench_store import start_server  # (here: the resume child does not need it)
 
     tmp = tempfile.mkdtemp(prefix="prl-bench-")
     proc, port = start_server(tmp, "everysec", stock_allocator)
+    if not aof_rewrite:
+        redis.Redis(port=port).config_set("auto-aof-rewrite-percentage", 0)
     try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
@@ -116,25 +121,37 @@ def quiet(client: Any) -> None:
 
 class CpuMeter:
     """CPU seconds spent inside ``with`` blocks by this process (all threads) and by the Redis server (its
-    ``INFO cpu``, all threads): where a step's time goes on a machine whose cores the two share."""
+    ``INFO cpu``, all threads): where a step's time goes on a machine whose cores the two share. Also the
+    server's minor page faults (``/proc/<pid>/stat``, Linux only)."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.mine = self.server = 0.0
+        self.faults = 0
+        self._stat = Path(f"/proc/{client.info('server')['process_id']}/stat")
 
     def _server(self) -> float:
         info = self.client.info("cpu")
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
+    def _server_faults(self) -> int:
+        if not self._stat.exists():  # (not Linux, or another machine's server)
+            return 0
+        return int(self._stat.read_text().rsplit(")", 1)[1].split()[7])  # (field 10: minflt)
+
     def __enter__(self) -> None:
-        self._start = (time.process_time(), self._server())
+        self._start = (time.process_time(), self._server(), self._server_faults())
 
     def __exit__(self, *exc: object) -> None:
         self.mine += time.process_time() - self._start[0]
         self.server += self._server() - self._start[1]
+        self.faults += self._server_faults() - self._start[2]
 
     def per(self, steps: int) -> str:
         return f"{ms(self.mine / steps)} + {ms(self.server / steps)}"
+
+    def faults_per(self, steps: int) -> str:
+        return f"{self.faults / steps:.0f}"
 
 
 def work_in_python(seconds: float) -> None:
@@ -306,6 +323,9 @@ def bench_data_path(url: str, data: list[dict[str, Any]], epochs: int) -> dict[s
         "(b) CPU per step, batch to batch: this process + redis-server (raw LRANGE beside it)": (
             f"{ours_cpu.per(len(ours_times))} ({raw_cpu.per(len(raw_times))})"
         ),
+        "(b) redis-server page faults per step (raw LRANGE beside it)": (
+            f"{ours_cpu.faults_per(len(ours_times))} ({raw_cpu.faults_per(len(raw_times))})"
+        ),
     }
 
 
@@ -358,6 +378,9 @@ def bench_big(url: str, epochs: int) -> dict[str, str]:
         "(c) ratio (target >= 0.7x)": f"{ours / raw:.2f}x",
         f"(c) CPU per step of {batch} samples: this process + redis-server (raw GETs beside it)": (
             f"{ours_cpu.per(rounds * n // batch)} ({raw_cpu.per(rounds * n // batch)})"
+        ),
+        "(c) redis-server page faults per step (raw GETs beside it)": (
+            f"{ours_cpu.faults_per(rounds * n // batch)} ({raw_cpu.faults_per(rounds * n // batch)})"
         ),
     }
 
@@ -446,6 +469,10 @@ def main() -> None:
         "--stock-allocator", action="store_true", help="redis-server without pr_loader's jemalloc option"
     )
     parser.add_argument(
+        "--no-aof-rewrite", action="store_true",
+        help="turn redis-server's automatic AOF rewrite off (its fork write-protects the heap)",
+    )  # fmt: skip
+    parser.add_argument(
         "--resume-child", nargs=4, metavar=("URL", "RUN", "STATE", "SPAWNED"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -456,7 +483,7 @@ def main() -> None:
     epochs = 1 if args.quick else 2
     data = [rl_sample(i) for i in range(2048)]
     rows: dict[str, str] = {}
-    with redis_server(args.stock_allocator) as url:
+    with redis_server(args.stock_allocator, aof_rewrite=not args.no_aof_rewrite) as url:
         rows.update(bench_prefetch(url, data, epochs, materialised=True))
         rows.update(bench_prefetch(url, data, epochs, materialised=False))
         rows.update(bench_prefetch(url, data, epochs, materialised=True, busy=True))
@@ -467,7 +494,8 @@ def main() -> None:
         rows.update(bench_resume(url, [0.5] if args.quick else [0.1, 0.5, 0.9]))
         rows.update(bench_throughput(url, data, epochs))
     allocator = "stock jemalloc" if args.stock_allocator else "jemalloc option"
-    header = f"measurement (torch {torch.__version__}, {os.cpu_count()} CPUs, {allocator})"
+    rewrite = ", AOF rewrite off" if args.no_aof_rewrite else ""
+    header = f"measurement (torch {torch.__version__}, {os.cpu_count()} CPUs, {allocator}{rewrite})"
     print(f"\n| {header} | value |\n|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value} |")

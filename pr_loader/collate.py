@@ -6,19 +6,18 @@ tensor (~3 us) and then a ``torch.stack`` per column; for a step of many small r
 :class:`~pr_loader.codec.RawTensor` until its whole column is known; the rows' bytes are then joined straight
 from the payloads into one buffer, seen as the tensor ``torch.stack`` would give (same dtype, shape and
 strides, memory of its own: fresh, or recycled from a batch nothing holds any more, see
-:mod:`pr_loader.batch_memory`). Rows from 256 KiB go to ``torch.stack`` itself: its copy uses all of
-torch's threads, and per-row overhead no longer matters.
+:mod:`pr_loader.batch_memory`). Big rows too: ``torch.stack``'s own copy of 16 x 1 MiB is ~0.2 ms faster
+alone, but it wakes torch's intra-op threads, which then spin on the cores that the trainer and Redis need
+(measured in ``bench_loader`` (c): 0.85 ms more CPU per step of this process, and lower throughput).
 
 Parity with ``default_collate`` holds by construction: torch's own recursion
 (``torch.utils.data._utils.collate.collate``) walks the containers, with the handlers of torch's current
 ``default_collate_fn_map`` (registrations made there still apply), and off the fast path RawTensors become
 real tensors before torch's own handlers see them, so results and errors are torch's:
 
-* a column of RawTensors of one dtype and shape below 256 KiB, in the main process, under torch's own tensor
-  handler takes the fast path; from 256 KiB such a column's zero-copy views are stacked by ``torch.stack``
-  as ``collate_tensor_fn`` does, into a tensor of ours; otherwise (mixed values, different shapes, zero-size
-  tensors, a DataLoader worker, which stacks into shared memory) zero-copy views go to ``collate_tensor_fn``,
-  whose ``torch.stack`` copies;
+* a column of RawTensors of one dtype and shape, in the main process, under torch's own tensor handler takes
+  the fast path; otherwise (mixed values, different shapes, zero-size tensors, a DataLoader worker, which
+  stacks into shared memory) zero-copy views go to ``collate_tensor_fn``, whose ``torch.stack`` copies;
 * any other column's handler gets rows whose RawTensors are private tensors;
 * a RawTensor where torch expects a container (a dict in row 0, a tensor in row 1) raises
   :class:`~pr_loader.codec.NeedsTensor`, and the batch starts over from real tensors.
@@ -45,7 +44,6 @@ CollateFnMap = dict[type | tuple[type, ...], Callable[..., Any]]
 Handlers = tuple[tuple[type | tuple[type, ...], Callable[..., Any]], ...]
 
 _ATOMS = frozenset({str, bytes, int, float, bool, type(None)})
-_STACK_ROW = 1 << 18  # from this row size torch.stack's multi-threaded copy beats one joining thread
 
 
 def materialise(obj: Any, copy: bool = True) -> Any:
@@ -101,14 +99,10 @@ def _collate_raw_column(batch: list[Any], *, collate_fn_map: CollateFnMap | None
     """A column whose first row is a RawTensor (``stock``: torch's own tensor handler is in use)."""
     if not stock:
         return collate(materialise(batch), collate_fn_map=collate_fn_map)
-    first: RawTensor = batch[0]
-    dtype, shape = first.dtype, first.shape
-    uniform = get_worker_info() is None and uniform_raw(batch)
-    if uniform and first.data.nbytes < _STACK_ROW:
-        return stack_raw(batch, dtype, shape)
+    if get_worker_info() is None and uniform_raw(batch):
+        first: RawTensor = batch[0]
+        return stack_raw(batch, first.dtype, first.shape)
     views = [row.tensor(copy=False) if type(row) is RawTensor else row for row in batch]
-    if uniform:  # (what collate_tensor_fn does in the main process, into a tensor of ours)
-        return torch.stack(views, 0, out=batch_memory.empty((len(batch), *shape), dtype))
     return collate_tensor_fn(views, collate_fn_map=collate_fn_map)
 
 

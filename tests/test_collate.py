@@ -146,7 +146,8 @@ def test_rl_step() -> None:
 
 
 def test_fast_path_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Same-shaped tensor columns of rows below 256 KiB never reach torch.stack; bigger rows do."""
+    """Same-shaped tensor columns never reach torch.stack (whose copy wakes torch's intra-op threads), big
+    rows included; a column of different shapes does (and raises torch's error)."""
     calls: list[int] = []
     real_stack = torch.stack
 
@@ -164,7 +165,10 @@ def test_fast_path_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert stacks([rl_row(i) for i in range(4)]) == []
     assert stacks([{"t": torch.ones((1 << 16) - 1)}] * 2) == []
-    assert stacks([{"t": torch.ones(1 << 16)}] * 3) == [3]  # 256 KiB rows
+    assert stacks([{"t": torch.ones(1 << 18)}] * 3) == []  # 1 MiB rows
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        stacks([{"t": torch.ones(4)}, {"t": torch.ones(5)}])
+    assert calls == [2]
 
 
 @pytest.mark.parametrize("nbytes", [(1 << 18) - 16, 1 << 18, 1 << 20], ids=str)
@@ -177,12 +181,12 @@ def test_big_rows(dtype: torch.dtype, nbytes: int) -> None:
 @pytest.mark.parametrize(
     ("rows", "row_shape", "advised"),
     [
-        (64, (1 << 14,), True),  # 8 MiB of 128 KiB rows: the one-copy join
-        (8, (1 << 17,), True),  # 8 MiB of 1 MiB rows: torch.stack into our tensor
+        (64, (1 << 14,), True),  # 8 MiB of 128 KiB rows
+        (8, (1 << 17,), True),  # 8 MiB of 1 MiB rows
         (31, (1 << 14,), False),  # just below 4 MiB
         (3, (1 << 17,), False),
     ],
-    ids=["join", "stack", "join-small", "stack-small"],
+    ids=["small-rows", "big-rows", "small-rows-small-batch", "big-rows-small-batch"],
 )
 def test_big_batches_are_advised_onto_huge_pages(
     monkeypatch: pytest.MonkeyPatch, rows: int, row_shape: tuple[int, ...], advised: bool
