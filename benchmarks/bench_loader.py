@@ -135,7 +135,7 @@ class CpuMeter:
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     def _server_faults(self) -> int:
-        if not self._stat.exists():  # (not Linux, or another machine's server)
+        if not self._stat.exists():  # (not Linux; the server is always this benchmark's own, local one)
             return 0
         return int(self._stat.read_text().rsplit(")", 1)[1].split()[7])  # (field 10: minflt)
 

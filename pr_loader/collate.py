@@ -8,7 +8,8 @@ from the payloads into one buffer, seen as the tensor ``torch.stack`` would give
 strides, memory of its own: fresh, or recycled from a batch nothing holds any more, see
 :mod:`pr_loader.batch_memory`). Big rows too: ``torch.stack``'s own copy of 16 x 1 MiB is ~0.2 ms faster
 alone, but it wakes torch's intra-op threads, which then spin on the cores that the trainer and Redis need
-(measured in ``bench_loader`` (c): 0.85 ms more CPU per step of this process, and lower throughput).
+(measured on ``bench_loader``'s (c) loop: 0.85-1.6 ms more CPU per step of this process, and lower
+throughput).
 
 Parity with ``default_collate`` holds by construction: torch's own recursion
 (``torch.utils.data._utils.collate.collate``) walks the containers, with the handlers of torch's current
