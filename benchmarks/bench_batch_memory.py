@@ -9,6 +9,10 @@ advice, what every batch got before batches were recycled) and into one from a
 :class:`~pr_loader.batch_memory.BatchMemory`. The two take turns, a round each, in this one process;
 prints the medians and their ratio. The copy itself is the floor: recycled memory is already faulted in,
 so only the copy remains.
+
+Where an accelerator is, a second table: a batch for ``pin_memory=True``, collated into recycled memory
+and then pinned (``Tensor.pin_memory``, a copy, as torch's DataLoader pins every batch) against collated
+straight into pinned memory (a pool set ``pinned``, what pr_loader's DataLoader does).
 """
 
 from __future__ import annotations
@@ -55,6 +59,31 @@ def main() -> None:
             del out
         fresh, recycled = (statistics.median(times[k]) * 1000 for k in ("fresh", "recycled"))
         print(f"| {count} x 1 MiB | {fresh:.2f} ms | {recycled:.2f} ms | {fresh / recycled:.2f}x |")
+    if torch.accelerator.is_available():
+        pinned_table(rounds)
+
+
+def pinned_table(rounds: int) -> None:
+    print("\n| batch | recycled, then pin_memory() p50 | collated into pinned p50 | ratio |")
+    print("|---|---|---|---|")
+    for count in (16, 64):
+        payloads = [codec.encode({"row": torch.full((MiB,), i, dtype=torch.uint8)}) for i in range(count)]
+        rows = [codec.decode_raw_tensors(payload)["row"] for payload in payloads]
+        recycled, pinned = batch_memory.BatchMemory(), batch_memory.BatchMemory()
+        pinned.pinned = True
+        times: dict[str, list[float]] = {"then pinned": [], "pinned": []}
+        held: dict[str, torch.Tensor] = {}
+        for r in range(2 * rounds + 4):
+            kind = "then pinned" if r % 2 else "pinned"
+            start = time.perf_counter()
+            with batch_memory.using(recycled if kind == "then pinned" else pinned):
+                out = stack_raw(rows, torch.uint8, (MiB,)).pin_memory()
+            if r >= 2:
+                times[kind].append(time.perf_counter() - start)
+            held[kind] = out
+            del out
+        copied, straight = (statistics.median(times[k]) * 1000 for k in ("then pinned", "pinned"))
+        print(f"| {count} x 1 MiB | {copied:.2f} ms | {straight:.2f} ms | {copied / straight:.2f}x |")
 
 
 if __name__ == "__main__":

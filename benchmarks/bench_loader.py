@@ -87,11 +87,14 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-def materialised_loader(data: Any, url: str, batch: int, epochs: int = 1, seed: int = 0) -> DataLoader:
+def materialised_loader(
+    data: Any, url: str, batch: int, epochs: int = 1, seed: int = 0, pin_memory: bool = False
+) -> DataLoader:
     """A loader whose first ``epochs`` epochs are already written to Redis (so timing covers reads only)."""
     loader = DataLoader(
-        data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed), redis_url=url
-    )
+        data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed), redis_url=url,
+        pin_memory=pin_memory,
+    )  # fmt: skip
     for _ in range(epochs):
         materialise_next_epoch(loader)
     return loader
@@ -162,15 +165,18 @@ def work_in_python(seconds: float) -> None:
 
 
 def bench_prefetch(
-    url: str, data: list[dict[str, Any]], epochs: int, materialised: bool, busy: bool = False
+    url: str, data: list[dict[str, Any]], epochs: int, materialised: bool, busy: bool = False,
+    pin_memory: bool = False,
 ) -> dict[str, str]:
     """(a) wait for the next batch while the consumer works 20 ms per step (and then drops the batch, so that
     the timed ``next()`` does not include freeing the previous one); order identical to torch.
     ``materialised``: the steps were written to Redis beforehand (else the loader writes them lazily).
     ``busy``: the consumer's 20 ms are Python bytecode holding the GIL, not a sleep (a GPU wait releases it),
-    so the loader's threads get the GIL only at the interpreter's switch interval (5 ms)."""
+    so the loader's threads get the GIL only at the interpreter's switch interval (5 ms). ``pin_memory``:
+    batches pinned (on the build thread) for a consumer that copies them to a GPU (main() runs it only
+    where an accelerator is)."""
     if materialised:
-        loader = materialised_loader(data, url, BATCH, epochs, seed=1)
+        loader = materialised_loader(data, url, BATCH, epochs, seed=1, pin_memory=pin_memory)
     else:
         loader = DataLoader(
             data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1), redis_url=url
@@ -179,7 +185,7 @@ def bench_prefetch(
         data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(1)
     )
     waits: list[float] = []
-    identical = True
+    identical = pinned = True
     for _ in range(epochs):
         it = iter(loader)
         for k, expected in enumerate(reference):
@@ -188,6 +194,7 @@ def bench_prefetch(
             if k > 0:  # the first batch of an epoch has nothing to overlap with
                 waits.append(time.perf_counter() - t0)
             identical &= bool(torch.equal(batch["input_ids"], expected["input_ids"]))
+            pinned &= batch["input_ids"].is_pinned()
             if busy:
                 work_in_python(0.02)
             else:
@@ -198,11 +205,16 @@ def bench_prefetch(
     how = "steps already in Redis" if materialised else "lazy materialisation: dataset -> encode -> Redis"
     if busy:
         how += "; the consumer's 20 ms are Python holding the GIL"
-    return {
+    if pin_memory:
+        how += "; pin_memory=True"
+    rows = {
         f"(a) wait for next batch, p50 (consumer works 20 ms/step; {how})": ms(statistics.median(waits)),
         f"(a) wait for next batch, p90 ({how})": ms(waits[int(len(waits) * 0.9)]),
         f"(a) batches identical to torch.utils.data.DataLoader ({how})": "yes" if identical else "NO",
     }
+    if pin_memory:
+        rows[f"(a) batches pinned ({how})"] = "yes" if pinned else "NO"
+    return rows
 
 
 def bench_prefetch_partial(
@@ -487,6 +499,8 @@ def main() -> None:
         rows.update(bench_prefetch(url, data, epochs, materialised=True))
         rows.update(bench_prefetch(url, data, epochs, materialised=False))
         rows.update(bench_prefetch(url, data, epochs, materialised=True, busy=True))
+        if torch.accelerator.is_available():
+            rows.update(bench_prefetch(url, data, epochs, materialised=True, pin_memory=True))
         rows.update(bench_prefetch_partial(url, data, epochs))
         rows.update(bench_prefetch_partial(url, data, epochs, commit=True))
         rows.update(bench_data_path(url, data, epochs))

@@ -17,6 +17,11 @@ A :class:`~pr_loader.dataset.RedisBatchDataset` owns one (the end of a DataLoade
 empty it) and makes it the current one (:func:`using`) while it builds a batch; :func:`empty` draws from
 the current one. DataLoader worker processes never recycle: their batches travel to the main process
 through shared memory.
+
+A pool set ``pinned`` (by a DataLoader with ``pin_memory=True`` where an accelerator is) makes every batch
+tensor in page-locked memory instead, from torch's caching host allocator, which recycles such blocks
+itself: pinning the batch then copies nothing (``Tensor.pin_memory`` returns a pinned tensor as it is),
+where torch's DataLoader copies each batch once more into pinned memory.
 """
 
 from __future__ import annotations
@@ -107,9 +112,13 @@ class BatchMemory:
         self._keepers: list[_Keeper] = []
         self._lock = threading.Lock()
         self.reused = 0  # tensors made on a recycled storage (for tests and benchmarks)
+        self.pinned = False  # tensors in page-locked memory (see the module doc); needs an accelerator
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised contiguous tensor, on a recycled storage where one of its size is free."""
+        """An uninitialised contiguous tensor: pinned where the pool is, else on a recycled storage where one
+        of its size is free."""
+        if self.pinned:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
         nbytes = prod(shape) * dtype.itemsize
         if nbytes < self.min_bytes or _use_count is None:
             return _fresh(shape, dtype)

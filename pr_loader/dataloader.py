@@ -167,6 +167,8 @@ class DataLoader(tud.DataLoader[Any]):
         )
         self.source.auto_set_epoch = built
         self.source.auto_commit = False
+        if pin_memory and self.source.batch_memory is not None and torch.accelerator.is_available():
+            self.source.batch_memory.pinned = True  # (batches collate into pinned memory: _pin copies none)
         if self.source.planner is not None:
             self.source.planner.base_seed_every_epoch = not (persistent_workers and num_workers > 0)
         self.linked = linked

@@ -290,8 +290,8 @@ class LoaderIter:
             and read.refs == [row.ref_text for row in claimed.rows]
         ):
             read.view.adopt_claim(claimed)
-            return read.view
-        return self.source.build(claimed, None if read is None else read.samples)
+            return self.loader._pin(read.view)
+        return self.loader._pin(self.source.build(claimed, None if read is None else read.samples))
 
     def _start_read(
         self,
@@ -368,8 +368,8 @@ class LoaderIter:
         source.shard().client.set(source.iter_epoch_key, self.epoch)
         self.worker_iter = loader._worker_loader()
         for step, item in self.worker_iter:
-            if isinstance(item, ClaimedStep):
-                item = source.build(item)
+            if isinstance(item, ClaimedStep):  # (built here: its view is bound to this process's session)
+                item = loader._pin(source.build(item))
             if isinstance(item, EmptyStep):
                 source.commit(step)
                 continue
@@ -458,7 +458,7 @@ class LoaderIter:
         if self.done:
             raise StopIteration
         try:  # (the commit the previous call sent runs meanwhile; commit_pending raises its error)
-            step, item = next(self.steps)
+            handed = [next(self.steps)]
         except StopIteration:
             self.commit_pending()
             self.close(finished=True)
@@ -466,6 +466,7 @@ class LoaderIter:
         except BaseException:
             self.commit_pending()  # the caller is done with the previous step; a failed commit explains more
             raise
+        step = handed[0][0]
         if step <= self.loader._known_committed:  # a requeued step of another consumer, or a lost commit?
             self.loader._check_not_behind()
         self.commit_pending(wait=False)  # the commit of the step before, then the work ahead
@@ -474,7 +475,10 @@ class LoaderIter:
         ahead, self.ahead = self.ahead, None
         if ahead is not None:
             ahead()
-        return item
+        # (the item leaves its box as it is returned: this call's frame, if a reference cycle below it keeps
+        # it alive - fakeredis holds each error reply in a cycle with its frames, whose f_back reach this
+        # one - then holds no reference to the batch, and the caller's `del` still frees it at once)
+        return handed.pop()[1]
 
     def __del__(self) -> None:  # an abandoned iterator: stop its heartbeat (its queued tasks still run)
         if hasattr(self, "heartbeat"):

@@ -299,6 +299,16 @@ class DataProto:
             self.batch = self.batch.to(device)
         return self
 
+    def pin_memory(self: P) -> P:
+        """Move ``batch`` to page-locked memory (in place, like :meth:`to`) and return self.
+
+        Needs an accelerator, as :meth:`torch.Tensor.pin_memory` does. A DataLoader with ``pin_memory=True``
+        calls this for each batch it hands out; a batch that later grows (prefetch) or is rebuilt is not
+        pinned again."""
+        if self.batch is not None:
+            self.batch = self.batch.pin_memory()
+        return self
+
     def rename(
         self: P, old_keys: str | Sequence[str] | None = None, new_keys: str | Sequence[str] | None = None
     ) -> P:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -168,3 +169,39 @@ def test_loader_batches_recycle_dropped_batches_and_never_touch_kept_ones(
         assert_same_epochs(reference, [originals[e * 6 : (e + 1) * 6] for e in range(3)])
     loader.close()
     assert len(memory) == 0
+
+
+@pytest.mark.parametrize("linked", [False, True], ids=["collated", "linked"])
+def test_pin_memory_collates_into_pinned_memory(
+    redis_server: RedisServer, linked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pin_memory=True where an accelerator is: the pool makes each batch tensor in pinned memory (none
+    recycled by the pool: torch's host allocator does that), so pinning the batch copies nothing; the
+    tensor handed out is the one the collate made. Without one, nothing is pinned (as torch's loader)."""
+    data = BigSamples()
+    loader = prl.DataLoader(data, batch_size=4, redis_url=redis_server.url, linked=linked, pin_memory=True)
+    memory = loader.source.batch_memory
+    assert memory is not None
+    accelerator = torch.accelerator.is_available()
+    assert memory.pinned is accelerator
+    made: list[weakref.ref[torch.Tensor]] = []  # (weak: a reference kept here would stop the recycling)
+    empty = memory.empty
+
+    def recording_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        out = empty(shape, dtype)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(memory, "empty", recording_empty)
+    blobs = []
+    for _ in range(2):
+        for batch in loader:
+            blob = batch.batch["blob"] if linked else batch["blob"]
+            assert blob.is_pinned() is accelerator
+            assert any(ref() is blob for ref in made), "the tensor handed out is not the collated one"
+            blobs.append(blob.clone())
+            del batch, blob
+    assert memory.reused == 0 if accelerator else memory.reused > 0
+    reference = [[b["blob"] for b in tud.DataLoader(data, batch_size=4)] for _ in range(2)]
+    assert_same_epochs(reference, [blobs[:6], blobs[6:]])
+    loader.close()

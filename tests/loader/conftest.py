@@ -15,6 +15,7 @@ def assert_same(a: Any, b: Any, where: str = "batch") -> None:
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
         assert torch.equal(a, b), f"{where}: {a} != {b}"
+        assert a.is_pinned() == b.is_pinned(), f"{where}: pinned {a.is_pinned()} != {b.is_pinned()}"
     elif isinstance(a, np.ndarray):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
         assert np.array_equal(a, b), f"{where}: {a} != {b}"

@@ -81,6 +81,34 @@ def test_dataset_alone_under_torch_dataloader(redis_server: RedisServer, num_wor
     assert committed == next_step - 1 == 2 * 5 - 1
 
 
+@pytest.mark.parametrize(("num_workers", "policy"), [(0, "fixed"), (0, "postpone"), (2, "fixed")])
+def test_pin_memory_pins_linked_views(redis_server: RedisServer, num_workers: int, policy: str) -> None:
+    """pin_memory=True pins each view's tensor batch, as torch pins its batches: only where an accelerator
+    is (torch warns and pins nothing without one), on every path a view is built on (claimed ahead, read
+    ahead for a postponing policy (which refuses workers), built from a worker's claim)."""
+    from pr_loader.policy import FixedBatch, PostponeToNext
+
+    chosen = FixedBatch() if policy == "fixed" else PostponeToNext()
+    ours, theirs = loaders(redis_server.url, num_workers=num_workers, pin_memory=True, policy=chosen)
+    views = list(ours)
+    check_views_equal_drop_in(views, list(theirs))
+    pinned = torch.accelerator.is_available()
+    assert [view.batch["input_ids"].is_pinned() for view in views] == [pinned] * len(views)
+    ours.close()
+
+
+def test_data_proto_pin_memory_is_in_place() -> None:
+    from pr_loader.protocol import DataProto
+
+    data = DataProto.from_dict({"x": torch.arange(4)})
+    if not torch.accelerator.is_available():
+        with pytest.raises(RuntimeError):  # as torch.Tensor.pin_memory without an accelerator
+            data.pin_memory()
+        return
+    assert data.pin_memory() is data and data.batch["x"].is_pinned()
+    assert torch.equal(data.batch["x"], torch.arange(4))
+
+
 def test_dataset_alone_yields_linked_views() -> None:
     dataset = RedisBatchDataset(DATA, batch_size=6, redis_url=FAKE_URL)
     views = list(dataset)

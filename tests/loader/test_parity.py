@@ -82,6 +82,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "batch_sampler": lambda: {"batch_sampler": tud.BatchSampler(
         tud.RandomSampler(range(N), generator=seeded(3)), batch_size=6, drop_last=False)},
     "batch_sampler_list": lambda: {"batch_sampler": [[0, 5, 2], [7], [22, 21, 20, 19]]},
+    "pin_memory": lambda: {"batch_size": 4, "shuffle": True, "generator": seeded(), "pin_memory": True},
 }  # fmt: skip
 
 
@@ -115,8 +116,9 @@ def test_parity_real_server(redis_server: RedisServer) -> None:
         lambda: {"batch_size": 3, "shuffle": True, "generator": seeded(), "num_workers": 2,
                  "persistent_workers": True, "drop_last": True},
         lambda: {"batch_size": 4, "shuffle": True, "num_workers": 2, "collate_fn": pair_collate},
+        lambda: {"batch_size": 4, "num_workers": 2, "pin_memory": True},
     ],
-    ids=["shuffle", "no_batching", "persistent", "global_rng_collate"],
+    ids=["shuffle", "no_batching", "persistent", "global_rng_collate", "pin_memory"],
 )  # fmt: skip
 def test_parity_workers(redis_server: RedisServer, make_kwargs: Callable[[], dict[str, Any]]) -> None:
     run_both(make_kwargs, dataset(), redis_server.url, epochs=2, global_seed=5)
