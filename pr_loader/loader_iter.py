@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pr_loader import batch_memory
 from pr_loader.background import Background, DeferredCommit, Heartbeat, no_op
 from pr_loader.dataset import EmptyStep
 from pr_loader.errors import LeaseLost, StepStateError
@@ -360,7 +361,8 @@ class LoaderIter:
         if self.source.linked and not superseded():
             from pr_loader.linked import LinkedDataProto  # (tensordict is imported only when views are used)
 
-            read.view = LinkedDataProto.ahead_of_claim(rows, self.source.session(step), samples)
+            with batch_memory.using(self.source.batch_memory):  # (as a claim's build: recycled or pinned)
+                read.view = LinkedDataProto.ahead_of_claim(rows, self.source.session(step), samples)
         self.read = read
 
     def _from_workers(self) -> Iterator[tuple[int, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import torch.utils.data as tud
 import pr_loader.dataloader as prl
 from pr_loader import batch_memory
 from pr_loader.batch_memory import BatchMemory
-from tests.loader.conftest import assert_same_epochs
+from tests.loader.conftest import assert_same_epochs, wait_for_claim_ahead
 from tests.servers import RedisServer
 
 MiB = 1 << 20
@@ -137,22 +138,42 @@ class BigSamples(tud.Dataset[dict[str, Any]]):
         return {"blob": torch.full((MiB // 4,), i, dtype=torch.int32), "i": i}
 
 
+KINDS = {  # (linked, policy): the collated batches, views claimed ahead, views read ahead before their claim
+    "collated": (False, "FixedBatch"),
+    "linked": (True, "FixedBatch"),
+    "linked-read-ahead": (True, "PostponeToNext"),
+}
+
+
+def handed_out(loader: prl.DataLoader) -> Iterator[Any]:
+    """One epoch of ``loader``; under a postponing policy each batch is handed on once the step after it
+    was read and claimed ahead, so that the next one is the view built ahead, not one its claim built."""
+    it = iter(loader)
+    for batch in it:
+        if it.read_step >= 0:
+            wait_for_claim_ahead(it)
+        box = [batch]
+        del batch  # (this frame holds no reference while suspended: the caller's del frees the batch)
+        yield box.pop()
+
+
 @pytest.mark.parametrize("keep", [False, True], ids=["dropped", "kept"])
-@pytest.mark.parametrize("linked", [False, True], ids=["collated", "linked"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
 def test_loader_batches_recycle_dropped_batches_and_never_touch_kept_ones(
-    redis_server: RedisServer, keep: bool, linked: bool
+    redis_server: RedisServer, keep: bool, kind: str
 ) -> None:
     """Against a real Redis, over three epochs: batches the caller drops give their memory to later
     batches, batches the caller keeps (every one of three epochs) keep their values, the loader still
     yields exactly torch's batches, and the pool lets its memory go when an epoch ends."""
     data = BigSamples()
-    loader = prl.DataLoader(data, batch_size=4, redis_url=redis_server.url, linked=linked)
+    linked, policy = KINDS[kind]
+    loader = prl.DataLoader(data, batch_size=4, redis_url=redis_server.url, linked=linked, policy=policy)
     memory = loader.source.batch_memory
     assert memory is not None
     kept: list[list[Any]] = []
     for _ in range(3):
         epoch = []
-        for batch in loader:
+        for batch in handed_out(loader):
             blob = batch.batch["blob"] if linked else batch["blob"]
             epoch.append(blob.clone())
             if keep:
@@ -171,15 +192,18 @@ def test_loader_batches_recycle_dropped_batches_and_never_touch_kept_ones(
     assert len(memory) == 0
 
 
-@pytest.mark.parametrize("linked", [False, True], ids=["collated", "linked"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
 def test_pin_memory_collates_into_pinned_memory(
-    redis_server: RedisServer, linked: bool, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisServer, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """pin_memory=True where an accelerator is: the pool makes each batch tensor in pinned memory (none
     recycled by the pool: torch's host allocator does that), so pinning the batch copies nothing; the
     tensor handed out is the one the collate made. Without one, nothing is pinned (as torch's loader)."""
     data = BigSamples()
-    loader = prl.DataLoader(data, batch_size=4, redis_url=redis_server.url, linked=linked, pin_memory=True)
+    linked, policy = KINDS[kind]
+    loader = prl.DataLoader(
+        data, batch_size=4, redis_url=redis_server.url, linked=linked, policy=policy, pin_memory=True
+    )
     memory = loader.source.batch_memory
     assert memory is not None
     accelerator = torch.accelerator.is_available()
@@ -195,7 +219,7 @@ def test_pin_memory_collates_into_pinned_memory(
     monkeypatch.setattr(memory, "empty", recording_empty)
     blobs = []
     for _ in range(2):
-        for batch in loader:
+        for batch in handed_out(loader):
             blob = batch.batch["blob"] if linked else batch["blob"]
             assert blob.is_pinned() is accelerator
             assert any(ref() is blob for ref in made), "the tensor handed out is not the collated one"
