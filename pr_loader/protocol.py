@@ -293,10 +293,11 @@ class DataProto:
         return parts_to_tensordict(self.batch, self.non_tensor_batch, self.meta_info, len(self))
 
     # ----------------------------------------------------------------- in-place ops
-    def to(self: P, device: str | torch.device) -> P:
-        """Move ``batch`` to ``device`` (in place) and return self."""
+    def to(self: P, device: str | torch.device, *, non_blocking: bool = False) -> P:
+        """Move ``batch`` to ``device`` (in place) and return self; ``non_blocking``: copy asynchronously
+        where torch can (from pinned memory to a GPU: see :meth:`pin_memory`)."""
         if self.batch is not None:
-            self.batch = self.batch.to(device)
+            self.batch = self.batch.to(device, non_blocking=non_blocking)
         return self
 
     def pin_memory(self: P) -> P:

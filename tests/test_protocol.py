@@ -411,6 +411,31 @@ def test_to_device_in_place() -> None:
     assert make(1, tensors=False).to(torch.device("cpu")).batch is None
 
 
+def test_to_passes_non_blocking_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make(2)
+    seen: list[Any] = []
+    original = type(data.batch).to
+
+    def recording_to(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("non_blocking"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(data.batch), "to", recording_to)
+    data.to("cpu", non_blocking=True)
+    data.to("cpu")
+    assert seen == [True, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_pinned_batch_to_cuda_without_blocking() -> None:
+    data = make(3)
+    expected = data.batch["ids"].clone()
+    assert data.pin_memory() is data and data.batch["ids"].is_pinned()
+    data.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert data.batch["ids"].is_cuda and torch.equal(data.batch["ids"].cpu(), expected)
+
+
 def test_get_data_info() -> None:
     data = make(2)
     data.meta_info.update({"lst": [1, "a"], "tup": (1, 2.0), "d": {"k": np.zeros(2)}, "e": {}, "n": []})
