@@ -90,7 +90,12 @@ def test_pin_memory_pins_linked_views(redis_server: RedisServer, num_workers: in
 
     chosen = FixedBatch() if policy == "fixed" else PostponeToNext()
     ours, theirs = loaders(redis_server.url, num_workers=num_workers, pin_memory=True, policy=chosen)
-    views = list(ours)
+    views = []
+    it = iter(ours)
+    for view in it:
+        views.append(view)
+        if num_workers == 0 and it.read_step >= 0:  # (the next view is then the one read ahead)
+            wait_for_claim_ahead(it)
     check_views_equal_drop_in(views, list(theirs))
     pinned = torch.accelerator.is_available()
     assert [view.batch["input_ids"].is_pinned() for view in views] == [pinned] * len(views)
