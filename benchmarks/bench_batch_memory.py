@@ -33,6 +33,30 @@ from pr_loader.collate import stack_raw
 MiB = 1 << 20
 
 
+def alternating(
+    count: int, memories: tuple[batch_memory.BatchMemory | None, ...], pin: bool, rounds: int
+) -> list[float]:
+    """Median ms of collating ``count`` 1 MiB rows (then pinning the batch, with ``pin``) drawing from each
+    of ``memories`` in turn, a round each, the consumer holding the newest batch of each and dropping the
+    one before (the first round of each: the warm-up)."""
+    payloads = [codec.encode({"row": torch.full((MiB,), i, dtype=torch.uint8)}) for i in range(count)]
+    rows = [codec.decode_raw_tensors(payload)["row"] for payload in payloads]
+    times: list[list[float]] = [[] for _ in memories]
+    held: dict[int, torch.Tensor] = {}
+    for r in range(len(memories) * (rounds + 1)):
+        which = r % len(memories)
+        start = time.perf_counter()
+        with batch_memory.using(memories[which]):
+            out = stack_raw(rows, torch.uint8, (MiB,))
+            if pin:
+                out = out.pin_memory()
+        if r >= len(memories):
+            times[which].append(time.perf_counter() - start)
+        held[which] = out
+        del out
+    return [statistics.median(t) * 1000 for t in times]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=200)
@@ -43,46 +67,16 @@ def main() -> None:
     print("| batch | fresh tensor p50 | recycled p50 | fresh / recycled |")
     print("|---|---|---|---|")
     for count in (16, 64):
-        payloads = [codec.encode({"row": torch.full((MiB,), i, dtype=torch.uint8)}) for i in range(count)]
-        rows = [codec.decode_raw_tensors(payload)["row"] for payload in payloads]
-        memory = batch_memory.BatchMemory()
-        times: dict[str, list[float]] = {"fresh": [], "recycled": []}
-        held: dict[str, torch.Tensor] = {}
-        for r in range(2 * rounds + 4):  # (the first round of each: the warm-up)
-            kind = "fresh" if r % 2 else "recycled"
-            start = time.perf_counter()
-            with batch_memory.using(None if kind == "fresh" else memory):
-                out = stack_raw(rows, torch.uint8, (MiB,))
-            if r >= 2:
-                times[kind].append(time.perf_counter() - start)
-            held[kind] = out  # (the consumer holds the newest batch of its kind, dropping the one before)
-            del out
-        fresh, recycled = (statistics.median(times[k]) * 1000 for k in ("fresh", "recycled"))
+        fresh, recycled = alternating(count, (None, batch_memory.BatchMemory()), False, rounds)
         print(f"| {count} x 1 MiB | {fresh:.2f} ms | {recycled:.2f} ms | {fresh / recycled:.2f}x |")
-    if torch.accelerator.is_available():
-        pinned_table(rounds)
-
-
-def pinned_table(rounds: int) -> None:
+    if not torch.accelerator.is_available():
+        return
     print("\n| batch | recycled, then pin_memory() p50 | collated into pinned p50 | ratio |")
     print("|---|---|---|---|")
     for count in (16, 64):
-        payloads = [codec.encode({"row": torch.full((MiB,), i, dtype=torch.uint8)}) for i in range(count)]
-        rows = [codec.decode_raw_tensors(payload)["row"] for payload in payloads]
-        recycled, pinned = batch_memory.BatchMemory(), batch_memory.BatchMemory()
+        pinned = batch_memory.BatchMemory()
         pinned.pinned = True
-        times: dict[str, list[float]] = {"then pinned": [], "pinned": []}
-        held: dict[str, torch.Tensor] = {}
-        for r in range(2 * rounds + 4):
-            kind = "then pinned" if r % 2 else "pinned"
-            start = time.perf_counter()
-            with batch_memory.using(recycled if kind == "then pinned" else pinned):
-                out = stack_raw(rows, torch.uint8, (MiB,)).pin_memory()
-            if r >= 2:
-                times[kind].append(time.perf_counter() - start)
-            held[kind] = out
-            del out
-        copied, straight = (statistics.median(times[k]) * 1000 for k in ("then pinned", "pinned"))
+        copied, straight = alternating(count, (batch_memory.BatchMemory(), pinned), True, rounds)
         print(f"| {count} x 1 MiB | {copied:.2f} ms | {straight:.2f} ms | {copied / straight:.2f}x |")
 
 

@@ -45,7 +45,7 @@ from pr_loader.store.connection import Client, DurabilityMode, check_durability,
 from pr_loader.store.keys import ShardKeys
 
 if TYPE_CHECKING:
-    from pr_loader.linked import StepSession
+    from pr_loader.linked import LinkedDataProto, StepSession
 
 __all__ = ["RedisBatchDataset"]
 
@@ -430,6 +430,17 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         raw = self.linked or (self.auto_collation and self.collate_fn is tud.default_collate)
         decoder: Callable[..., Any] = codec.decode_raw_tensors if raw else codec.decode
         return decoder
+
+    def build_ahead(
+        self, step: int, rows: list[StoredRow], samples: Mapping[str, Any]
+    ) -> LinkedDataProto | None:
+        """The view the claim of ``step`` would build if it returned exactly ``rows``, read before the claim
+        (``samples``: theirs from :meth:`decode_ahead`), in the batch memory a build uses; None where the
+        claim must build it (see :meth:`LinkedDataProto.ahead_of_claim`)."""
+        from pr_loader.linked import LinkedDataProto  # (tensordict is imported only when views are used)
+
+        with batch_memory.using(self.batch_memory):
+            return LinkedDataProto.ahead_of_claim(rows, self.session(step), samples)
 
     def decode_ahead(self, rows: list[StoredRow]) -> dict[str, Any]:
         """The samples of rows read before their step was claimed, by ref (undecodable rows are left out:

@@ -16,7 +16,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pr_loader import batch_memory
 from pr_loader.background import Background, DeferredCommit, Heartbeat, no_op
 from pr_loader.dataset import EmptyStep
 from pr_loader.errors import LeaseLost, StepStateError
@@ -291,8 +290,10 @@ class LoaderIter:
             and read.refs == [row.ref_text for row in claimed.rows]
         ):
             read.view.adopt_claim(claimed)
-            return self.loader._pin(read.view)
-        return self.loader._pin(self.source.build(claimed, None if read is None else read.samples))
+            item: Any = read.view
+        else:
+            item = self.source.build(claimed, None if read is None else read.samples)
+        return self.loader._pin(item)
 
     def _start_read(
         self,
@@ -359,10 +360,7 @@ class LoaderIter:
         samples.update(self.source.decode_ahead([row for row in rows if row.ref_text not in samples]))
         read = ReadAhead(step, [row.ref_text for row in rows], samples)
         if self.source.linked and not superseded():
-            from pr_loader.linked import LinkedDataProto  # (tensordict is imported only when views are used)
-
-            with batch_memory.using(self.source.batch_memory):  # (as a claim's build: recycled or pinned)
-                read.view = LinkedDataProto.ahead_of_claim(rows, self.source.session(step), samples)
+            read.view = self.source.build_ahead(step, rows, samples)
         self.read = read
 
     def _from_workers(self) -> Iterator[tuple[int, Any]]:
