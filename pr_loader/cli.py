@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import warnings
@@ -234,10 +235,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [name for name in args.names if name not in found]
     if unknown:
         raise ConfigError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(found)}")
+    try:
+        passed = shlex.split(args.args or "")
+    except ValueError as exc:
+        raise ConfigError(f"--args: {exc}") from None
     env = dict(os.environ)  # the scripts import pr_loader even when it is not installed
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), env.get("PYTHONPATH")]))
     for name in args.names or list(found):
-        command = [sys.executable, str(found[name]), *(["--quick"] if args.quick else [])]
+        command = [sys.executable, str(found[name]), *(["--quick"] if args.quick else []), *passed]
         print(f"== {name}: {' '.join(command)}", flush=True)
         code = subprocess.run(command, cwd=directory.parent, env=env, check=False).returncode
         if code:
@@ -354,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("names", nargs="*", metavar="NAME")
     bench.add_argument("--quick", action="store_true", help="passed through: a short smoke run")
+    bench.add_argument(
+        "--args", metavar="'ARGS'",
+        help="more options for the scripts, in one quoted string (--args='--no-aof-rewrite')",
+    )  # fmt: skip
     bench.add_argument("--list", action="store_true", help="list the benchmark names")
     bench.add_argument("--dir", help=f"benchmark directory (default {_BENCH_DIR})")
     bench.set_defaults(func=cmd_bench)

@@ -288,7 +288,7 @@ def test_bad_arguments_and_unknown_runs(cli: Cli, url: str, home: Path) -> None:
     assert "--plot: directory" in plot.error_line() and "does not exist" in plot.error_line()
 
 
-def test_bench_runs_scripts_by_name_with_quick_passed_through(cli: Cli, tmp_path: Path) -> None:
+def test_bench_runs_scripts_by_name_with_options_passed_through(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "bench_echo.py").write_text(  # benchmarks import pr_loader, installed or not
         "import pathlib, sys\nimport pr_loader.errors\n"
         "pathlib.Path(__file__).with_suffix('.args').write_text(repr(sys.argv[1:]))\n"
@@ -298,6 +298,11 @@ def test_bench_runs_scripts_by_name_with_quick_passed_through(cli: Cli, tmp_path
     assert listed.code == 0 and {"codec", "rollout"} <= set(listed.out.split())
     ran = cli("bench", "echo", "--quick", "--dir", str(tmp_path))
     assert ran.code == 0 and (tmp_path / "bench_echo.args").read_text() == "['--quick']", ran.err
+    ran = cli("bench", "echo", "--args=--no-aof-rewrite --label 'a b'", "--dir", str(tmp_path))
+    assert ran.code == 0, ran.err
+    assert (tmp_path / "bench_echo.args").read_text() == "['--no-aof-rewrite', '--label', 'a b']"
+    unclosed = cli("bench", "echo", "--args='x", "--dir", str(tmp_path))
+    assert "--args: No closing quotation" in unclosed.error_line()
     failed = cli("bench", "fail", "--dir", str(tmp_path))
     assert failed.code == 1 and "benchmark fail failed with exit code 3" in failed.err
     assert (
