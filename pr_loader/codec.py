@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import mmap
 import pickle
 import struct
 import threading
@@ -328,17 +329,21 @@ class NeedsTensor(Exception):
 class RawTensor:
     """Internal: a checked tensor record of a payload, not yet a tensor (see :func:`decode_raw_tensors`).
 
-    ``data`` views exactly the tensor's bytes in the payload (C order). It is no container and no dict key:
+    ``data`` views exactly the tensor's bytes in the payload (C order), or in the row of a batch column they
+    were received into (``column``: the column and the row; :class:`pr_loader.collate.ColumnPlacer`). It is
+    no container and no dict key:
     ``len``, iteration, indexing and hashing raise :class:`NeedsTensor`, which :mod:`pr_loader.collate`
     answers by falling back to real tensors.
     """
 
-    __slots__ = ("data", "dtype", "shape")
+    __slots__ = ("column", "data", "dtype", "shape")
 
     def __init__(self, data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         self.data = data
         self.dtype = dtype
         self.shape = shape
+        # (batch column, row) when ``data`` is that row of a column it was received into (ColumnPlacer)
+        self.column: tuple[torch.Tensor, int] | None = None
 
     def tensor(self, copy: bool = True) -> torch.Tensor:
         """The tensor ``decode(payload, copy=copy)`` gives: private and writable, or a read-only view."""
@@ -378,7 +383,7 @@ class _Decoder:
     """State of one ``decode`` call: the raw area, the nesting depth and what tensors become (private
     copies, views of the payload, or :class:`RawTensor` records)."""
 
-    __slots__ = ("allow_pickle", "copy", "depth", "raw", "raw_nbytes", "raw_tensors")
+    __slots__ = ("allow_pickle", "copy", "depth", "raw", "raw_nbytes", "raw_tensors", "records")
 
     def __init__(self, raw: memoryview, allow_pickle: bool, copy: bool, raw_tensors: bool) -> None:
         self.raw = raw
@@ -387,6 +392,7 @@ class _Decoder:
         self.copy = copy
         self.raw_tensors = raw_tensors
         self.depth = 0
+        self.records: list[tuple[int, RawTensor]] | None = None  # (decode_placeable: RawTensors by offset)
 
     def unpack(self, data: bytes | memoryview) -> Any:
         if self.depth >= _MAX_DEPTH:
@@ -415,7 +421,10 @@ class _Decoder:
                 self.check_raw(offset, nbytes)
             tensor_bytes = self.raw[offset : offset + nbytes] if nbytes else _EMPTY
             if self.raw_tensors:
-                return RawTensor(tensor_bytes, torch_dtype, shape)
+                record = RawTensor(tensor_bytes, torch_dtype, shape)
+                if self.records is not None and nbytes:
+                    self.records.append((offset, record))
+                return record
             return _make_tensor(tensor_bytes, torch_dtype, shape, self.copy)
         if code == _EXT_NDARRAY:
             return self.ndarray(data)
@@ -500,11 +509,8 @@ def decode_raw_tensors(data: bytes | bytearray | memoryview, *, allow_pickle: bo
         return decode(data, allow_pickle=allow_pickle)
 
 
-def _decode(data: bytes | bytearray | memoryview, allow_pickle: bool, copy: bool, raw_tensors: bool) -> Any:
-    try:
-        view = memoryview(data).cast("B")
-    except (TypeError, ValueError) as exc:
-        raise CodecError(f"expected bytes, got {type(data).__name__}") from exc
+def _skeleton_end(view: memoryview, allow_pickle: bool) -> int:
+    """The checked header of a payload (``view``: at least its first bytes): where its skeleton ends."""
     if len(view) < _HEADER.size:
         raise CodecError(f"not a pr_loader codec payload (starts with {bytes(view[:8])!r})")
     magic, version, flags, skeleton_len = _HEADER.unpack_from(view)
@@ -518,7 +524,15 @@ def _decode(data: bytes | bytearray | memoryview, allow_pickle: bool, copy: bool
         raise CodecError(f"payload has unknown flags {flags:#x} (written by a newer pr_loader?)")
     if flags & _FLAG_PICKLE and not allow_pickle:
         raise CodecError(_PICKLE_REFUSED)
-    end = _HEADER.size + skeleton_len
+    return int(_HEADER.size + skeleton_len)
+
+
+def _decode(data: bytes | bytearray | memoryview, allow_pickle: bool, copy: bool, raw_tensors: bool) -> Any:
+    try:
+        view = memoryview(data).cast("B")
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"expected bytes, got {type(data).__name__}") from exc
+    end = _skeleton_end(view, allow_pickle)
     if end > len(view):
         raise CodecError(f"truncated payload: skeleton needs {end} bytes, {len(view)} present")
     decoder = _Decoder(view[end:], allow_pickle, copy, raw_tensors)
@@ -528,3 +542,54 @@ def _decode(data: bytes | bytearray | memoryview, allow_pickle: bool, copy: bool
         raise
     except Exception as exc:
         raise CodecError(f"corrupt payload: {type(exc).__name__}: {exc}") from exc
+
+
+HEAD_SIZE = _HEADER.size  # the bytes of a payload that :func:`skeleton_end` reads
+
+
+def skeleton_end(head: memoryview, *, allow_pickle: bool = False) -> int:
+    """Internal, for :class:`pr_loader.collate.ColumnPlacer`: where the skeleton of a payload ends, from its
+    first :data:`HEAD_SIZE` bytes (CodecError for a payload :func:`decode` refuses by its header)."""
+    return _skeleton_end(head, allow_pickle)
+
+
+def decode_placeable(
+    head: memoryview, raw_nbytes: int, *, allow_pickle: bool = False
+) -> tuple[Any, list[tuple[int, RawTensor]]] | None:
+    """Internal, for :class:`pr_loader.collate.ColumnPlacer`: decode a payload from its header and skeleton
+    alone (``head``), before its raw area (``raw_nbytes``) is received. Returns the sample with its tensors
+    as RawTensors and those, by raw offset, when tensors tile the whole raw area (their ``data`` views a
+    stand-in: the caller points each at where it receives the tensor's bytes); None when anything else
+    lives there (a numpy array) or the sample needs real tensors. CodecError as :func:`decode`."""
+    end = _skeleton_end(head, allow_pickle)
+    if end != len(head):
+        raise CodecError(f"truncated payload: skeleton needs {end} bytes, {len(head)} given")
+    decoder = _Decoder(_stand_in(raw_nbytes), allow_pickle, False, True)
+    decoder.records = []
+    try:
+        sample = decoder.unpack(head[_HEADER.size :])
+    except NeedsTensor:
+        return None
+    except CodecError:
+        raise
+    except Exception as exc:
+        raise CodecError(f"corrupt payload: {type(exc).__name__}: {exc}") from exc
+    records = sorted(decoder.records, key=lambda record: record[0])
+    covered = 0
+    for offset, record in records:
+        if offset != covered:
+            return None
+        covered += record.data.nbytes
+    return (sample, records) if covered == raw_nbytes else None
+
+
+_STAND_IN_LOCK = threading.Lock()
+_STAND_IN: list[memoryview] = [memoryview(b"")]
+
+
+def _stand_in(nbytes: int) -> memoryview:
+    """``nbytes`` of a read-only anonymous mapping, never written (untouched pages cost no memory)."""
+    with _STAND_IN_LOCK:
+        if _STAND_IN[0].nbytes < nbytes:
+            _STAND_IN[0] = memoryview(mmap.mmap(-1, max(nbytes, 2 * _STAND_IN[0].nbytes))).toreadonly()
+        return _STAND_IN[0][:nbytes]

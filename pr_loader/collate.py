@@ -36,10 +36,12 @@ import torch
 from torch.utils.data import default_collate, get_worker_info
 from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
 
-from pr_loader import batch_memory
+from pr_loader import batch_memory, codec
 from pr_loader.codec import NeedsTensor, RawTensor
+from pr_loader.errors import CodecError
+from pr_loader.store.records import Placed
 
-__all__ = ["collate_raw", "materialise", "stack_raw", "uniform_raw"]
+__all__ = ["ColumnPlacer", "collate_raw", "materialise", "stack_raw", "uniform_raw"]
 
 CollateFnMap = dict[type | tuple[type, ...], Callable[..., Any]]
 Handlers = tuple[tuple[type | tuple[type, ...], Callable[..., Any]], ...]
@@ -87,13 +89,29 @@ def stack_raw(batch: list[RawTensor], dtype: torch.dtype, shape: tuple[int, ...]
     """``torch.stack`` of the rows' tensors: each row's bytes copied once, straight from its payload, into a
     tensor of :func:`pr_loader.batch_memory.empty`, so that the result is ``torch.stack``'s in every respect
     (torch's own aligned, resizable storage: a bytearray's, or one numpy has seen, can never grow). The copy
-    goes through a ctypes view of the new tensor's memory, which leaves the storage's flags alone."""
+    goes through a ctypes view of the new tensor's memory, which leaves the storage's flags alone. A column
+    whose rows were all received into one tensor (:class:`ColumnPlacer`) is that tensor, not copied."""
+    placed = _placed_column(batch)
+    if placed is not None:
+        return placed
     out = batch_memory.empty((len(batch), *shape), dtype)
     size = batch[0].data.nbytes
     dest = memoryview((ctypes.c_char * (size * len(batch))).from_address(out.data_ptr())).cast("B")
     for i, row in enumerate(batch):
         dest[i * size : (i + 1) * size] = row.data
     return out
+
+
+def _placed_column(batch: list[RawTensor]) -> torch.Tensor | None:
+    """The column every row of ``batch`` was received into, in order (:class:`ColumnPlacer`), or None."""
+    first = batch[0].column
+    if first is None or len(first[0]) != len(batch):
+        return None
+    column = first[0]
+    for i, row in enumerate(batch):
+        if row.column is None or row.column[0] is not column or row.column[1] != i:
+            return None
+    return column
 
 
 def _collate_raw_column(batch: list[Any], *, collate_fn_map: CollateFnMap | None = None, stock: bool) -> Any:
@@ -139,3 +157,74 @@ def collate_raw(rows: list[Any]) -> Any:
         return collate(rows, collate_fn_map=fn_map)
     except NeedsTensor:
         return default_collate(materialise(rows))
+
+
+class ColumnPlacer:
+    """Receives the tensors of a claim's big rows straight into the batch columns :func:`stack_raw` would
+    copy them into (a :class:`pr_loader.store.wire.Placer`), so that each byte is copied once, by the kernel,
+    instead of into the receive buffer and then out of it.
+
+    Why: with the collate's copy of 16 x 1 MiB rows left out (a measure), this process spent about half the
+    CPU per step and ``bench_loader``'s (c) rose from 0.66-0.69x to 0.82-0.89x of the raw reads on the
+    project's 2-core VM (``docs/architecture.md``).
+
+    Row 0 sets the layout: every tensor of its raw area gets a column (``batch_memory.empty((rows, *shape),
+    dtype)``, in the batch memory current at the claim), and the rows of that layout are received into
+    their row of each column. The first payload that cannot be placed (small, another layout, anything but
+    tensors in its raw area, undecodable) ends the placing: it and the rest are received and decoded as
+    usual, and :func:`stack_raw` copies a column unless every row of it was placed. A placed row decodes
+    from its head alone (:func:`pr_loader.codec.decode_placeable`); the store hands it out ``placed``.
+    """
+
+    head_size = codec.HEAD_SIZE
+    min_payload = 256 << 10  # (a 256-row step of 24 KiB rows would pay a recv per tensor for nothing)
+
+    def __init__(self, allow_pickle: bool = False) -> None:
+        self.allow_pickle = allow_pickle
+        self.placements: dict[int, Placed] = {}
+        self._count = 0
+        self._layout: list[tuple[int, torch.dtype, tuple[int, ...]]] | None = None
+        self._columns: list[tuple[torch.Tensor, memoryview]] = []
+        self._stopped = False
+
+    def begin(self, count: int) -> None:
+        """A reply of ``count`` payloads follows (0: forget the placements)."""
+        self.placements = {}
+        self._count, self._layout, self._columns, self._stopped = count, None, [], False
+
+    def head_needed(self, index: int, head: memoryview, size: int) -> int:
+        """The bytes of payload ``index`` up to the end of its skeleton, or 0 to stop placing."""
+        if not self._stopped and index == len(self.placements):  # (rows 0 .. index - 1 placed)
+            try:
+                end = codec.skeleton_end(head, allow_pickle=self.allow_pickle)
+            except CodecError:
+                end = size
+            if end < size:
+                return end
+        self._stopped = True
+        return 0
+
+    def place(self, index: int, head: memoryview, size: int) -> list[tuple[int, memoryview]]:
+        """Where the tensors of payload ``index`` go: their rows of the columns; [] (and stop) otherwise."""
+        try:
+            decoded = codec.decode_placeable(head, size - len(head), allow_pickle=self.allow_pickle)
+        except CodecError:
+            decoded = None
+        layout = None if decoded is None else [(offset, r.dtype, r.shape) for offset, r in decoded[1]]
+        if decoded is None or (self._layout is not None and layout != self._layout):
+            self._stopped = True
+            return []
+        if self._layout is None:
+            self._layout = layout
+            for _, record in decoded[1]:
+                column = batch_memory.empty((self._count, *record.shape), record.dtype)
+                self._columns.append((column, column.reshape(-1).view(torch.uint8).numpy().data))
+        sample, records = decoded
+        pieces = []
+        for (offset, record), (column, column_bytes) in zip(records, self._columns):
+            nbytes = record.data.nbytes
+            record.data = column_bytes[index * nbytes : (index + 1) * nbytes]
+            record.column = (column, index)
+            pieces.append((len(head) + offset, record.data))
+        self.placements[index] = Placed(sample, pieces)
+        return pieces

@@ -28,7 +28,7 @@ import torch
 import torch.utils.data as tud
 
 from pr_loader import batch_memory, codec
-from pr_loader.collate import collate_raw
+from pr_loader.collate import ColumnPlacer, collate_raw
 from pr_loader.dataset_meta import fingerprint, positive_int, rank_and_world, read_item, shard_sampler
 from pr_loader.errors import (
     CodecError,
@@ -372,12 +372,17 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         shard = self.shard()
         epoch_end = (epoch + 1) * self.steps_per_epoch
         last = -1
+        # big rows' tensors are received into the batch columns their collate would copy them into
+        collated = not self.linked and self.auto_collation and self.collate_fn is tud.default_collate
+        placer = ColumnPlacer(self.allow_pickle) if collated and tud.get_worker_info() is None else None
         while True:
             ahead = None if held is None else held()
             if last == epoch_end - 1 and ahead is None and self._epoch_exhausted(epoch_end):
                 return  # a claim would take (and fetch the rows of) the next epoch's first step
             try:
-                claimed = shard.store.claim(self.consumer_id, self.lease_seconds, known=known, held=ahead)
+                with batch_memory.using(self.batch_memory):
+                    claimed = shard.store.claim(self.consumer_id, self.lease_seconds, known=known, held=ahead,
+                                                placer=placer)  # fmt: skip
             except NeedsMaterialisation as need:
                 if need.step >= epoch_end:
                     return
@@ -463,6 +468,9 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         for row in claimed.rows:
             if ahead and row.ref_text in ahead:
                 samples.append(ahead[row.ref_text])
+                continue
+            if row.placed is not None:  # (decoded as it was received: ColumnPlacer)
+                samples.append(row.placed.sample)
                 continue
             try:
                 samples.append(decode_row(row.buffer, allow_pickle=self.allow_pickle))

@@ -80,7 +80,7 @@ class BatchStore:
         self._payload_pattern = None if hasattr(client, "get_node_from_key") else self._keys.payload_pattern()
         # ... on a plain socket as one transaction, received in one piece (pr_loader.store.wire)
         self._sized_reads = wire.supports(client)
-        self._last_read: dict[str, int] = {}  # payload bytes the last CLAIM / PREFETCH read
+        self._last_read: dict[str, tuple[int, int]] = {}  # the last CLAIM / PREFETCH read: bytes, biggest
         self._scripts: dict[str, Script] = {
             name: client.register_script(getattr(scripts, name))
             for name in ("OPEN", "MATERIALISE", "CLAIM", "RENEW", "COMMIT", "POSTPONE", "PREFETCH",
@@ -187,7 +187,9 @@ class BatchStore:
         reply: list[Any] = self._retrying(lambda: script(keys=[self._keys.meta], args=argv))
         return reply
 
-    def _read_after(self, name: str, op_id: str, *args: str) -> tuple[list[Any], wire.Payloads | None]:
+    def _read_after(
+        self, name: str, op_id: str, *args: str, placer: wire.Placer | None = None
+    ) -> tuple[list[Any], wire.Payloads | None]:
         """Run CLAIM or PREFETCH (last ARGV: the hand-over flag) and, where possible, read the payloads of the
         refs it returns in the same round trip: ``SORT xfer:<op_id> BY nosort GET payload:*`` and a DEL of
         the list go right behind the script (:mod:`pr_loader.store.wire`). Returns the reply and the
@@ -198,12 +200,17 @@ class BatchStore:
             return self._script(name, op_id, *args, "0"), None
         script = self._scripts[name]
         # (a small reply gains nothing from the transaction: it and the STRLENs cost ~0.8 ms more, 256 rows)
-        sized = self._sized_reads and self._last_read.get(name, wire.ONE_PIECE) >= wire.ONE_PIECE
-        read = wire.transact if sized else wire.pipelined
+        last_total, last_biggest = self._last_read.get(name, (wire.ONE_PIECE, 0))
+        sized = self._sized_reads and (
+            last_total >= wire.ONE_PIECE or (placer is not None and last_biggest >= placer.min_payload)
+        )
+        read = functools.partial(wire.transact, placer=placer) if sized else wire.pipelined
         script_args = [self._keys.meta, self._keys.prefix, op_id, *args, "2" if sized else "1"]
         xfer = self._keys.xfer(op_id)
 
         def run() -> wire.SizedReply:
+            if placer is not None:
+                placer.begin(0)  # (nothing an earlier, failed attempt placed counts)
             try:
                 try:
                     return read(self._client, script.sha, script_args, xfer, pattern)
@@ -223,7 +230,8 @@ class BatchStore:
             return list(reply), None
         if reply[0] != b"ok" or payloads is None:
             return list(reply), None
-        self._last_read[name] = sum(map(len, filter(None, payloads)))  # (b"" and None count nothing)
+        sizes = [len(payload) for payload in payloads if payload]
+        self._last_read[name] = (sum(sizes), max(sizes, default=0))
         return list(reply), payloads
 
     def _sort_refused(self, error: Exception) -> None:
@@ -371,6 +379,7 @@ class BatchStore:
         op_id: str | None = None,
         known: Mapping[str, bytes | memoryview] | None = None,
         held: int | None = None,
+        placer: wire.Placer | None = None,
     ) -> ClaimedStep | None:
         """Lease the next step: requeued steps first, else the cursor step. None when the run is finished.
 
@@ -381,6 +390,9 @@ class BatchStore:
         ``held``: a step this consumer claimed ahead of its use. If it is still leased to ``consumer_id`` and
         untouched (nothing moved into or out of it), it is given back first, as a lease expiry would (the
         claim then takes it again, with what arrived meanwhile). ``postpone`` and ``prefetch`` take it too.
+
+        ``placer``: where the tensors of big rows are received, when the payloads come in one piece
+        (:class:`pr_loader.collate.ColumnPlacer`); such rows come back ``placed``.
 
         Raises NeedsMaterialisation(step) if the cursor step has no batch yet, NoStepReady if only leased
         steps remain (they may still postpone rows or expire).
@@ -393,12 +405,15 @@ class BatchStore:
         if known:
             reply, payloads = self._script("CLAIM", *args, "0"), None
         else:
-            reply, payloads = self._read_after("CLAIM", *args)
+            reply, payloads = self._read_after("CLAIM", *args, placer=placer)
         status = reply[0]
         if status == b"ok":
             self._log_expired(reply[3])
             step = int(reply[1])
             rows = self._rows(reply[4], (step, consumer_id), payloads, known)
+            if placer is not None and payloads is not None:
+                for index, placed in placer.placements.items():
+                    rows[index].placed = placed
             return ClaimedStep(step, rows, float(reply[2]))
         if status == b"needs":
             self._log_expired(reply[2])

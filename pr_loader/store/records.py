@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 from pr_loader.errors import ConfigError, RunConfigMismatch, StoreError
 
@@ -103,18 +103,52 @@ class RowRef:
 
 
 @dataclass
+class Placed:
+    """The tensors of a row received straight into batch columns (:class:`pr_loader.collate.ColumnPlacer`):
+    the row decoded (``sample``, its tensors RawTensors over their rows of the columns) and where its raw
+    bytes went (``pieces``: offset in the payload, destination; back to back up to the payload's end)."""
+
+    sample: Any
+    pieces: list[tuple[int, memoryview]]
+
+
+class Placer(Protocol):
+    """Where :func:`pr_loader.store.wire.transact` receives the bytes of big payloads instead of its buffer
+    (in payload order): :class:`pr_loader.collate.ColumnPlacer`, which puts the tensors of a claim's rows
+    into batch columns."""
+
+    head_size: int  # the first bytes of a payload that head_needed reads
+    min_payload: int  # smaller payloads are not offered
+    placements: dict[int, Placed]  # by payload index, what place() placed (emptied by begin)
+
+    def begin(self, count: int) -> None:
+        """A reply of ``count`` payloads follows (0: forget the placements)."""
+
+    def head_needed(self, index: int, head: memoryview, size: int) -> int:
+        """How many bytes of payload ``index`` (``size`` bytes; ``head``: its first ``head_size``) place()
+        needs, or 0 to receive it as usual."""
+
+    def place(self, index: int, head: memoryview, size: int) -> list[tuple[int, memoryview]]:
+        """Where the rest of payload ``index`` goes: (offset in the payload, destination) pairs, ascending,
+        back to back up to the payload's end, the first at ``len(head)`` or later; [] for "as usual"."""
+
+
+@dataclass
 class StoredRow:
     """One row of a step: its ref string and payload.
 
     ``buffer`` holds the payload as read: a read-only ``memoryview`` of the one buffer a claim or prefetch
     received all of its payloads into (:mod:`pr_loader.store.wire`), or ``bytes``. Decoding from it costs no
-    copy; :attr:`payload` is the same as ``bytes`` (a copy the first time, for a view).
+    copy; :attr:`payload` is the same as ``bytes`` (a copy the first time, for a view). A row whose tensors
+    were received into batch columns (``placed``) lacks their bytes in ``buffer``: decode ``placed.sample``,
+    and :attr:`payload` joins the bytes again.
 
     ``ref`` is parsed on first use: a loader that collates a step never needs it, and parsing the refs of a
     256-row step cost ~0.35 ms of a ~6 ms claim."""
 
     ref_text: str
     buffer: bytes | memoryview
+    placed: Placed | None = None
 
     @cached_property
     def ref(self) -> RowRef:
@@ -125,7 +159,11 @@ class StoredRow:
     def payload(self) -> bytes:
         """The payload bytes."""
         buffer = self.buffer
-        return buffer if type(buffer) is bytes else bytes(buffer)
+        if self.placed is None:
+            return buffer if type(buffer) is bytes else bytes(buffer)
+        parts: list[bytes | memoryview] = [buffer[: self.placed.pieces[0][0]]]
+        parts += [piece for _, piece in self.placed.pieces]
+        return b"".join(parts)
 
     def __reduce__(self) -> tuple[type[StoredRow], tuple[str, bytes]]:
         return StoredRow, (self.ref_text, self.payload)  # (a memoryview does not pickle)

@@ -20,7 +20,9 @@ to parse here) and the byte size of each of their payloads (``-1`` for a missing
 comes first in the ``EXEC`` array, so once it is parsed the exact size of the ``SORT`` reply behind it is
 known, and the rest is received with ``MSG_WAITALL`` into one buffer (reused once nothing views it);
 payloads are read-only ``memoryview`` slices of it (no per-payload copy). Inside ``EXEC`` nothing can
-change a payload between the script and the read, so the size is exact.
+change a payload between the script and the read, so the size is exact. A claim for a collated batch
+passes a :class:`~pr_loader.store.records.Placer`: the tensors of its big rows are then received straight
+into the batch columns (:class:`pr_loader.collate.ColumnPlacer`), a few ``recv`` calls per row.
 
 Only for a plain TCP or unix socket speaking RESP2 (:func:`supports`), and only while the payloads are
 big (``ONE_PIECE``: the transaction and the sizes cost ~0.8 ms for 256 rows, measured). Otherwise
@@ -54,6 +56,7 @@ from redis._parsers.base import BaseParser
 from redis.commands.core import Script
 
 from pr_loader.store.kept import thread_connection
+from pr_loader.store.records import Placer
 
 try:
     import hiredis
@@ -61,7 +64,7 @@ except ImportError:  # (installed with pr_loader; without it the pipelined read 
     hiredis = None  # type: ignore[assignment]
 
 __all__ = [
-    "ONE_PIECE", "Payloads", "SizedReply", "payload_buffer", "pipelined",
+    "ONE_PIECE", "Payloads", "Placer", "SizedReply", "payload_buffer", "pipelined",
     "staged_in_transaction", "staged_then_run", "supports", "transact",
 ]  # fmt: skip
 
@@ -238,6 +241,49 @@ class _Reader:
             view.release()
         return out, size
 
+    def placed(
+        self, size: int, offsets: tuple[np.ndarray[Any, Any], ...], placer: Placer
+    ) -> tuple[bytearray, int]:
+        """:meth:`exactly`, but the bytes of big payloads go where ``placer`` says once it saw their heads
+        (:class:`Placer`): their places in the buffer are left as they were."""
+        out = _BUFFERS.take(size)
+        have = min(len(self.buf) - self.pos, size)
+        view = memoryview(out)
+        try:
+            view[:have] = self.buf[self.pos : self.pos + have]
+            self.pos += have
+            _, starts, ends = offsets
+            placer.begin(len(starts))
+            for index, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
+                if end - start < placer.min_payload:
+                    continue
+                head_end = min(start + placer.head_size, end)
+                have = self._fill(view, have, head_end)
+                needed = placer.head_needed(index, view[start:head_end], end - start)
+                if not needed:
+                    continue
+                have = self._fill(view, have, start + needed)
+                for offset, destination in placer.place(index, view[start : start + needed], end - start):
+                    piece = start + offset
+                    have = self._fill(view, have, piece)
+                    early = min(max(have - piece, 0), destination.nbytes)  # (already buffered by _more)
+                    destination[:early] = view[piece : piece + early]
+                    self._fill(destination, early, destination.nbytes)
+                    have = max(have, piece + destination.nbytes)
+            self._fill(view, have, size)
+        finally:
+            view.release()
+        return out, size
+
+    def _fill(self, view: memoryview, have: int, upto: int) -> int:
+        """Receive ``view[have:upto]`` (MSG_WAITALL); returns ``max(have, upto)``."""
+        while have < upto:
+            got = self.sock.recv_into(view[have:upto], upto - have, socket.MSG_WAITALL)
+            if not got:
+                raise redis.ConnectionError("Redis closed the connection mid-reply")
+            have += got
+        return have
+
 
 def payload_buffer(payload: bytes | bytearray | memoryview) -> bytes | memoryview:
     """``payload`` as something to upload without a copy: ``bytes`` as is, another contiguous buffer (e.g. a
@@ -346,9 +392,9 @@ def _slice_payloads(received: tuple[bytearray, int], offsets: tuple[np.ndarray[A
     return [view[a:b] for a, b in zip(start.tolist(), end.tolist())]
 
 
-def _receive(reader: _Reader) -> tuple[Any, Payloads | Exception | None]:
+def _receive(reader: _Reader, placer: Placer | None) -> tuple[Any, Payloads | Exception | None]:
     """The replies of MULTI, the three queued commands and EXEC: the script's reply (refs split again) and
-    the payloads (or the SORT's error)."""
+    the payloads (or the SORT's error), big ones where ``placer`` says."""
     queued = [reader.value() for _ in range(4)]
     first_error = next((r for r in queued if isinstance(r, Exception)), None)
     head = reader.array_header()  # (EXEC's reply, an array of the three replies: read one by one below)
@@ -379,7 +425,10 @@ def _receive(reader: _Reader) -> tuple[Any, Payloads | Exception | None]:
         payloads = reader.value()
     else:
         total, offsets = _bulk_array(sizes_text)
-        payloads = _slice_payloads(reader.exactly(total), offsets)
+        _, starts, ends = offsets
+        big = placer is not None and len(starts) and int((ends - starts).max()) >= placer.min_payload
+        received = reader.placed(total, offsets, placer) if big and placer else reader.exactly(total)
+        payloads = _slice_payloads(received, offsets)
     reader.value()  # (DEL)
     return script_reply, payloads
 
@@ -404,16 +453,19 @@ def _exchange(client: Any, exchange: Callable[[socket.socket], _T]) -> _T:
         raise
 
 
-def transact(client: Any, sha: str, script_args: list[Any], xfer: str, pattern: str) -> SizedReply:
+def transact(
+    client: Any, sha: str, script_args: list[Any], xfer: str, pattern: str, placer: Placer | None = None
+) -> SizedReply:
     """Send ``MULTI / EVALSHA sha 1 <script_args> / SORT xfer BY nosort GET pattern / DEL xfer / EXEC`` on a
     connection of ``client``'s pool (see :func:`supports`) and read the replies (errors: see
-    :func:`_exchange`). ``script_args`` is the key then ARGV, with the hand-over flag ``'2'`` last."""
+    :func:`_exchange`). ``script_args`` is the key then ARGV, with the hand-over flag ``'2'`` last;
+    ``placer``: where big payloads' bytes go (:class:`Placer`)."""
     commands = [("MULTI",), ("EVALSHA", sha, 1, *script_args), ("SORT", xfer, "BY", "nosort", "GET", pattern),
                 ("DEL", xfer), ("EXEC",)]  # fmt: skip
 
     def exchange(sock: socket.socket) -> SizedReply:
         _send(sock, _small_frames(commands))
-        return SizedReply(*_receive(_Reader(sock)))
+        return SizedReply(*_receive(_Reader(sock), placer))
 
     return _exchange(client, exchange)
 
