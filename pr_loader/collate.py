@@ -39,7 +39,7 @@ from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_
 from pr_loader import batch_memory, codec
 from pr_loader.codec import NeedsTensor, RawTensor
 from pr_loader.errors import CodecError
-from pr_loader.store.records import Placed
+from pr_loader.store.records import Placed, StoredRow
 
 __all__ = ["ColumnPlacer", "collate_raw", "materialise", "stack_raw", "uniform_raw"]
 
@@ -160,71 +160,89 @@ def collate_raw(rows: list[Any]) -> Any:
 
 
 class ColumnPlacer:
-    """Receives the tensors of a claim's big rows straight into the batch columns :func:`stack_raw` would
-    copy them into (a :class:`pr_loader.store.wire.Placer`), so that each byte is copied once, by the kernel,
+    """Receives the tensors of a claim's rows straight into the batch columns :func:`stack_raw` would copy
+    them into (a :class:`pr_loader.store.records.Placer`), so that each byte is copied once, by the kernel,
     instead of into the receive buffer and then out of it.
 
-    Why: with the collate's copy of 16 x 1 MiB rows left out (a measure), this process spent about half the
-    CPU per step and ``bench_loader``'s (c) rose from 0.66-0.69x to 0.82-0.89x of the raw reads on the
-    project's 2-core VM (``docs/architecture.md``).
+    Why: the copy out of the receive buffer was a quarter of this process's CPU in ``bench_loader``'s (c).
+    Placed, 16 x 1 MiB rows took 6.4-6.8 ms of this process's CPU per step against 8.1-10.5 ms, and (c)
+    rose to 0.72-0.84x of the raw reads from 0.63-0.73x (four alternating rounds in one process, on the
+    project's 2-core VM). For (b)'s 256 rows of 24 KiB of tensors it lost: a step took 16-19 against
+    12-13 ms (the scatter list and the rows' plans are Python work, under the GIL the build thread needs),
+    hence ``min_tail``.
 
-    Row 0 sets the layout: every tensor of its raw area gets a column (``batch_memory.empty((rows, *shape),
-    dtype)``, in the batch memory current at the claim), and the rows of that layout are received into
-    their row of each column. The first payload that cannot be placed (small, another layout, anything but
-    tensors in its raw area, undecodable) ends the placing: it and the rest are received and decoded as
-    usual, and :func:`stack_raw` copies a column unless every row of it was placed. A placed row decodes
-    from its head alone (:func:`pr_loader.codec.decode_placeable`); the store hands it out ``placed``.
+    A codec payload ends with its tensors' bytes (:mod:`pr_loader.codec`), so row 0's head gives the layout
+    of every row like it: a column per tensor (``batch_memory.empty((rows, *shape), dtype)``, in the batch
+    memory current at the claim), and each row's last bytes, split at its tensors, received into its row of
+    each column. :meth:`decode` checks a row against that layout as it decodes it from its head; a row of
+    another layout (other tensors, a numpy array among them, undecodable) decodes from its bytes joined
+    again, and :func:`stack_raw` copies a column unless every row of it was placed. Rows whose tensors hold
+    under ``min_tail`` bytes are not placed.
     """
 
     head_size = codec.HEAD_SIZE
-    min_payload = 256 << 10  # (a 256-row step of 24 KiB rows would pay a recv per tensor for nothing)
+    min_tail = 256 << 10
 
     def __init__(self, allow_pickle: bool = False) -> None:
         self.allow_pickle = allow_pickle
         self.placements: dict[int, Placed] = {}
         self._count = 0
-        self._layout: list[tuple[int, torch.dtype, tuple[int, ...]]] | None = None
-        self._columns: list[tuple[torch.Tensor, memoryview]] = []
-        self._stopped = False
+        self._layout: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
+        self._columns: list[tuple[torch.Tensor, memoryview, int]] = []  # column, its bytes, bytes per row
+        self._tail = 0  # bytes placed per row
+        self._plan: tuple[list[torch.Tensor], list[tuple[int, torch.dtype, tuple[int, ...]]]] = ([], [])
 
     def begin(self, count: int) -> None:
         """A reply of ``count`` payloads follows (0: forget the placements)."""
-        self.placements = {}
-        self._count, self._layout, self._columns, self._stopped = count, None, [], False
+        self.placements, self._layout, self._columns = {}, [], []
+        self._count = count
 
-    def head_needed(self, index: int, head: memoryview, size: int) -> int:
-        """The bytes of payload ``index`` up to the end of its skeleton, or 0 to stop placing."""
-        if not self._stopped and index == len(self.placements):  # (rows 0 .. index - 1 placed)
-            try:
-                end = codec.skeleton_end(head, allow_pickle=self.allow_pickle)
-            except CodecError:
-                end = size
-            if end < size:
-                return end
-        self._stopped = True
-        return 0
+    def head_needed(self, head: memoryview, size: int) -> int:
+        """Payload 0's bytes up to the end of its skeleton (0: not a payload to place)."""
+        try:
+            end = codec.skeleton_end(head, allow_pickle=self.allow_pickle)
+        except CodecError:
+            return 0
+        return end if end + self.min_tail <= size else 0
 
-    def place(self, index: int, head: memoryview, size: int) -> list[tuple[int, memoryview]]:
-        """Where the tensors of payload ``index`` go: their rows of the columns; [] (and stop) otherwise."""
+    def layout(self, head: memoryview, size: int) -> int:
+        """The columns of payload 0's tensors; returns their bytes per row (0: payload 0 is not placeable)."""
         try:
             decoded = codec.decode_placeable(head, size - len(head), allow_pickle=self.allow_pickle)
         except CodecError:
-            decoded = None
-        layout = None if decoded is None else [(offset, r.dtype, r.shape) for offset, r in decoded[1]]
-        if decoded is None or (self._layout is not None and layout != self._layout):
-            self._stopped = True
-            return []
-        if self._layout is None:
-            self._layout = layout
-            for _, record in decoded[1]:
-                column = batch_memory.empty((self._count, *record.shape), record.dtype)
-                self._columns.append((column, column.reshape(-1).view(torch.uint8).numpy().data))
-        sample, records = decoded
-        pieces = []
-        for (offset, record), (column, column_bytes) in zip(records, self._columns):
-            nbytes = record.data.nbytes
-            record.data = column_bytes[index * nbytes : (index + 1) * nbytes]
-            record.column = (column, index)
-            pieces.append((len(head) + offset, record.data))
-        self.placements[index] = Placed(sample, pieces)
+            return 0
+        if decoded is None:
+            return 0
+        for offset, record in decoded[1]:
+            column = batch_memory.empty((self._count, *record.shape), record.dtype)
+            column_bytes = column.reshape(-1).view(torch.uint8).numpy().data
+            self._columns.append((column, column_bytes, record.data.nbytes))
+            self._layout.append((offset, record.dtype, record.shape))
+        self._tail = size - len(head)
+        self._plan = ([column for column, _, _ in self._columns], self._layout)
+        return self._tail
+
+    def destinations(self, index: int, size: int) -> list[memoryview]:
+        """Row ``index`` of each column."""
+        pieces = [data[index * nbytes : (index + 1) * nbytes] for _, data, nbytes in self._columns]
+        self.placements[index] = Placed(size - self._tail, pieces, (index, self._plan))
         return pieces
+
+    @staticmethod
+    def decode(row: StoredRow, allow_pickle: bool = False) -> Any:
+        """``codec.decode_raw_tensors`` of a placed row: its tensors RawTensors over their rows of the
+        columns where it holds the layout planned for it, else (a copy of this row) over its joined bytes."""
+        placed = row.placed
+        if placed is None:
+            return codec.decode_raw_tensors(row.buffer, allow_pickle=allow_pickle)
+        index, (columns, layout) = placed.plan
+        head = memoryview(row.buffer)[: placed.start]
+        try:
+            decoded = codec.decode_placeable(head, len(row.buffer) - len(head), allow_pickle=allow_pickle)
+        except CodecError:
+            decoded = None
+        if decoded is None or [(offset, r.dtype, r.shape) for offset, r in decoded[1]] != layout:
+            return codec.decode_raw_tensors(row.payload, allow_pickle=allow_pickle)
+        for (_, record), piece, column in zip(decoded[1], placed.pieces, columns):
+            record.data, record.column = piece, (column, index)
+        return decoded[0]

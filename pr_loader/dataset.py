@@ -469,10 +469,10 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             if ahead and row.ref_text in ahead:
                 samples.append(ahead[row.ref_text])
                 continue
-            if row.placed is not None:  # (decoded as it was received: ColumnPlacer)
-                samples.append(row.placed.sample)
-                continue
             try:
+                if row.placed is not None:  # (its tensors were received into batch columns)
+                    samples.append(ColumnPlacer.decode(row, self.allow_pickle))
+                    continue
                 samples.append(decode_row(row.buffer, allow_pickle=self.allow_pickle))
             except CodecError as exc:
                 logger.warning("step %d: dead-lettering row %s: %s", claimed.step, row.ref.encode(), exc)

@@ -80,7 +80,7 @@ class BatchStore:
         self._payload_pattern = None if hasattr(client, "get_node_from_key") else self._keys.payload_pattern()
         # ... on a plain socket as one transaction, received in one piece (pr_loader.store.wire)
         self._sized_reads = wire.supports(client)
-        self._last_read: dict[str, tuple[int, int]] = {}  # the last CLAIM / PREFETCH read: bytes, biggest
+        self._last_read: dict[str, int] = {}  # payload bytes the last CLAIM / PREFETCH read
         self._scripts: dict[str, Script] = {
             name: client.register_script(getattr(scripts, name))
             for name in ("OPEN", "MATERIALISE", "CLAIM", "RENEW", "COMMIT", "POSTPONE", "PREFETCH",
@@ -200,10 +200,7 @@ class BatchStore:
             return self._script(name, op_id, *args, "0"), None
         script = self._scripts[name]
         # (a small reply gains nothing from the transaction: it and the STRLENs cost ~0.8 ms more, 256 rows)
-        last_total, last_biggest = self._last_read.get(name, (wire.ONE_PIECE, 0))
-        sized = self._sized_reads and (
-            last_total >= wire.ONE_PIECE or (placer is not None and last_biggest >= placer.min_payload)
-        )
+        sized = self._sized_reads and self._last_read.get(name, wire.ONE_PIECE) >= wire.ONE_PIECE
         read = functools.partial(wire.transact, placer=placer) if sized else wire.pipelined
         script_args = [self._keys.meta, self._keys.prefix, op_id, *args, "2" if sized else "1"]
         xfer = self._keys.xfer(op_id)
@@ -230,8 +227,7 @@ class BatchStore:
             return list(reply), None
         if reply[0] != b"ok" or payloads is None:
             return list(reply), None
-        sizes = [len(payload) for payload in payloads if payload]
-        self._last_read[name] = (sum(sizes), max(sizes, default=0))
+        self._last_read[name] = sum(map(len, filter(None, payloads)))  # (b"" and None count nothing)
         return list(reply), payloads
 
     def _sort_refused(self, error: Exception) -> None:

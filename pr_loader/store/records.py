@@ -104,33 +104,38 @@ class RowRef:
 
 @dataclass
 class Placed:
-    """The tensors of a row received straight into batch columns (:class:`pr_loader.collate.ColumnPlacer`):
-    the row decoded (``sample``, its tensors RawTensors over their rows of the columns) and where its raw
-    bytes went (``pieces``: offset in the payload, destination; back to back up to the payload's end)."""
+    """The last bytes of a row, received elsewhere than its buffer (a :class:`Placer`'s plan): from where
+    (``start``: an offset in the payload) to where (``pieces``, back to back up to the payload's end), and
+    what for (``plan``: the placer's, e.g. the batch columns of :class:`pr_loader.collate.ColumnPlacer`)."""
 
-    sample: Any
-    pieces: list[tuple[int, memoryview]]
+    start: int
+    pieces: list[memoryview]
+    plan: Any
 
 
 class Placer(Protocol):
-    """Where :func:`pr_loader.store.wire.transact` receives the bytes of big payloads instead of its buffer
-    (in payload order): :class:`pr_loader.collate.ColumnPlacer`, which puts the tensors of a claim's rows
-    into batch columns."""
+    """Where :func:`pr_loader.store.wire.transact` receives the last bytes of each payload (a row's tensors)
+    instead of its buffer: :class:`pr_loader.collate.ColumnPlacer`, which puts them into batch columns. The
+    receive reads the head of payload 0, asks for the layout (how many bytes at each payload's end), plans
+    every payload long enough alike (:meth:`destinations`) and receives the whole reply in one scatter
+    ``recvmsg``. Whether a row holds what was planned is for its decoder to check (its bytes are whole
+    again in :attr:`StoredRow.payload` either way)."""
 
     head_size: int  # the first bytes of a payload that head_needed reads
-    min_payload: int  # smaller payloads are not offered
-    placements: dict[int, Placed]  # by payload index, what place() placed (emptied by begin)
+    placements: dict[int, Placed]  # by payload index, the rows planned (destinations fills it, begin empties)
 
     def begin(self, count: int) -> None:
         """A reply of ``count`` payloads follows (0: forget the placements)."""
 
-    def head_needed(self, index: int, head: memoryview, size: int) -> int:
-        """How many bytes of payload ``index`` (``size`` bytes; ``head``: its first ``head_size``) place()
-        needs, or 0 to receive it as usual."""
+    def head_needed(self, head: memoryview, size: int) -> int:
+        """The bytes of payload 0 (``size`` bytes; ``head``: its first ``head_size``) layout() needs, or 0."""
 
-    def place(self, index: int, head: memoryview, size: int) -> list[tuple[int, memoryview]]:
-        """Where the rest of payload ``index`` goes: (offset in the payload, destination) pairs, ascending,
-        back to back up to the payload's end, the first at ``len(head)`` or later; [] for "as usual"."""
+    def layout(self, head: memoryview, size: int) -> int:
+        """From payload 0's head: how many bytes at the end of each payload to place (0: none)."""
+
+    def destinations(self, index: int, size: int) -> list[memoryview]:
+        """Where the last bytes of payload ``index`` (``size`` bytes) go, in order (their sizes add up to
+        the layout's)."""
 
 
 @dataclass
@@ -139,9 +144,9 @@ class StoredRow:
 
     ``buffer`` holds the payload as read: a read-only ``memoryview`` of the one buffer a claim or prefetch
     received all of its payloads into (:mod:`pr_loader.store.wire`), or ``bytes``. Decoding from it costs no
-    copy; :attr:`payload` is the same as ``bytes`` (a copy the first time, for a view). A row whose tensors
-    were received into batch columns (``placed``) lacks their bytes in ``buffer``: decode ``placed.sample``,
-    and :attr:`payload` joins the bytes again.
+    copy; :attr:`payload` is the same as ``bytes`` (a copy the first time, for a view). A row whose last
+    bytes were received elsewhere (``placed``: its tensors, into batch columns) lacks them in ``buffer``: its
+    placer's decoder reads them there, and :attr:`payload` joins the bytes again.
 
     ``ref`` is parsed on first use: a loader that collates a step never needs it, and parsing the refs of a
     256-row step cost ~0.35 ms of a ~6 ms claim."""
@@ -161,9 +166,7 @@ class StoredRow:
         buffer = self.buffer
         if self.placed is None:
             return buffer if type(buffer) is bytes else bytes(buffer)
-        parts: list[bytes | memoryview] = [buffer[: self.placed.pieces[0][0]]]
-        parts += [piece for _, piece in self.placed.pieces]
-        return b"".join(parts)
+        return b"".join([buffer[: self.placed.start], *self.placed.pieces])
 
     def __reduce__(self) -> tuple[type[StoredRow], tuple[str, bytes]]:
         return StoredRow, (self.ref_text, self.payload)  # (a memoryview does not pickle)

@@ -244,36 +244,61 @@ class _Reader:
     def placed(
         self, size: int, offsets: tuple[np.ndarray[Any, Any], ...], placer: Placer
     ) -> tuple[bytearray, int]:
-        """:meth:`exactly`, but the bytes of big payloads go where ``placer`` says once it saw their heads
-        (:class:`Placer`): their places in the buffer are left as they were."""
+        """:meth:`exactly`, but the last bytes of each payload (the tensors of a row: see :class:`Placer`) go
+        where ``placer`` says, in one scatter ``recvmsg`` planned from the head of payload 0."""
         out = _BUFFERS.take(size)
         have = min(len(self.buf) - self.pos, size)
         view = memoryview(out)
         try:
             view[:have] = self.buf[self.pos : self.pos + have]
             self.pos += have
-            _, starts, ends = offsets
+            starts, ends = offsets[1].tolist(), offsets[2].tolist()
             placer.begin(len(starts))
-            for index, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
-                if end - start < placer.min_payload:
-                    continue
-                head_end = min(start + placer.head_size, end)
-                have = self._fill(view, have, head_end)
-                needed = placer.head_needed(index, view[start:head_end], end - start)
-                if not needed:
-                    continue
-                have = self._fill(view, have, start + needed)
-                for offset, destination in placer.place(index, view[start : start + needed], end - start):
-                    piece = start + offset
-                    have = self._fill(view, have, piece)
-                    early = min(max(have - piece, 0), destination.nbytes)  # (already buffered by _more)
-                    destination[:early] = view[piece : piece + early]
-                    self._fill(destination, early, destination.nbytes)
-                    have = max(have, piece + destination.nbytes)
-            self._fill(view, have, size)
+            head_end = min(starts[0] + placer.head_size, ends[0])
+            have = self._fill(view, have, head_end)
+            needed = placer.head_needed(view[starts[0] : head_end], ends[0] - starts[0])
+            if needed:
+                have = self._fill(view, have, starts[0] + needed)
+            tail = placer.layout(view[starts[0] : starts[0] + needed], ends[0] - starts[0]) if needed else 0
+            if not tail:
+                self._fill(view, have, size)
+                return out, size
+            segments, cursor = [], 0
+            for index, (start, end) in enumerate(zip(starts, ends)):
+                if end - start >= tail + placer.head_size:
+                    segments.append(view[cursor : end - tail])
+                    segments += placer.destinations(index, end - start)
+                    cursor = end
+            segments.append(view[cursor:size])
+            self._scatter(segments, view, have)
         finally:
             view.release()
         return out, size
+
+    def _scatter(self, segments: list[memoryview], view: memoryview, have: int) -> None:
+        """Receive the reply into ``segments`` (its bytes in order, each a slice of ``view`` or a destination
+        of the placer); its first ``have`` bytes are in ``view`` already (copied to destinations from
+        there)."""
+        position, first = 0, 0
+        while first < len(segments) and position < have:  # (what _more read ahead: 64 KiB at most)
+            segment = segments[first]
+            early = min(have - position, segment.nbytes)
+            segment[:early] = view[position : position + early]
+            position += segment.nbytes
+            segments[first] = segment[early:]
+            first += 1 if early == segment.nbytes else 0
+        while first < len(segments):
+            chunk = segments[first : first + _IOV_MAX]
+            got = self.sock.recvmsg_into(chunk, 0, socket.MSG_WAITALL)[0]
+            if not got:
+                raise redis.ConnectionError("Redis closed the connection mid-reply")
+            if got == sum(map(len, chunk)):
+                first += len(chunk)
+                continue
+            while got >= segments[first].nbytes:  # (a signal cut the receive short)
+                got -= segments[first].nbytes
+                first += 1
+            segments[first] = segments[first][got:]
 
     def _fill(self, view: memoryview, have: int, upto: int) -> int:
         """Receive ``view[have:upto]`` (MSG_WAITALL); returns ``max(have, upto)``."""
@@ -425,9 +450,8 @@ def _receive(reader: _Reader, placer: Placer | None) -> tuple[Any, Payloads | Ex
         payloads = reader.value()
     else:
         total, offsets = _bulk_array(sizes_text)
-        _, starts, ends = offsets
-        big = placer is not None and len(starts) and int((ends - starts).max()) >= placer.min_payload
-        received = reader.placed(total, offsets, placer) if big and placer else reader.exactly(total)
+        placing = placer is not None and len(offsets[0]) > 0
+        received = reader.placed(total, offsets, placer) if placer and placing else reader.exactly(total)
         payloads = _slice_payloads(received, offsets)
     reader.value()  # (DEL)
     return script_reply, payloads

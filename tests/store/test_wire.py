@@ -172,7 +172,7 @@ def test_the_pipelined_read_on_a_plain_socket(
     store = BatchStore.open(client, make_config(batch_size=3, steps_per_epoch=3))
     for step in range(3):
         store.materialise(step, [(3 * step + i, b"s%d" % (3 * step + i)) for i in range(3)])
-    store._last_read["CLAIM"] = store._last_read["PREFETCH"] = (0, 0)  # (as after a small read)
+    store._last_read["CLAIM"] = store._last_read["PREFETCH"] = 0  # (as after a small read)
     reads: list[int] = []
     real = wire._read_replies
 
@@ -319,7 +319,7 @@ def test_without_hiredis_the_pipelined_read_goes_through_redis_py(
     client = own_server.client()
     store = BatchStore.open(client, make_config(batch_size=2, steps_per_epoch=2))
     store.materialise(0, [(0, b"a"), (1, b"b")])
-    store._last_read["CLAIM"] = (0, 0)  # (as after a small read)
+    store._last_read["CLAIM"] = 0  # (as after a small read)
     monkeypatch.setattr(wire, "hiredis", None)
     monkeypatch.setattr(wire, "_read_replies", None)  # (never reached)
     claimed = store.claim("c", 60, now=0)
