@@ -224,43 +224,29 @@ class _Reader:
             return None
         raise redis.ConnectionError(f"unexpected RESP reply type {line[:16]!r}")
 
-    def exactly(self, size: int) -> tuple[bytearray, int]:
-        """The next ``size`` bytes, received with MSG_WAITALL into (the start of) a reusable buffer."""
-        out = _BUFFERS.take(size)
-        have = min(len(self.buf) - self.pos, size)
-        view = memoryview(out)
-        view[:have] = self.buf[self.pos : self.pos + have]
-        self.pos += have
-        try:
-            while have < size:
-                got = self.sock.recv_into(view[have:size], size - have, socket.MSG_WAITALL)
-                if not got:
-                    raise redis.ConnectionError("Redis closed the connection mid-reply")
-                have += got
-        finally:
-            view.release()
-        return out, size
-
-    def placed(
-        self, size: int, offsets: tuple[np.ndarray[Any, Any], ...], placer: Placer
+    def exactly(
+        self, size: int, offsets: tuple[np.ndarray[Any, Any], ...] = (), placer: Placer | None = None
     ) -> tuple[bytearray, int]:
-        """:meth:`exactly`, but the last bytes of each payload (the tensors of a row: see :class:`Placer`) go
-        where ``placer`` says, in one scatter ``recvmsg`` planned from the head of payload 0."""
+        """The next ``size`` bytes, received with MSG_WAITALL into (the start of) a reusable buffer; with a
+        ``placer`` (and the payloads' ``offsets``) the last bytes of each payload (the tensors of a row: see
+        :class:`Placer`) go where it says, in one scatter ``recvmsg`` planned from the head of payload 0."""
         out = _BUFFERS.take(size)
         have = min(len(self.buf) - self.pos, size)
         view = memoryview(out)
         try:
             view[:have] = self.buf[self.pos : self.pos + have]
             self.pos += have
-            starts, ends = offsets[1].tolist(), offsets[2].tolist()
-            placer.begin(len(starts))
-            head_end = min(starts[0] + placer.head_size, ends[0])
-            have = self._fill(view, have, head_end)
-            needed = placer.head_needed(view[starts[0] : head_end], ends[0] - starts[0])
-            if needed:
-                have = self._fill(view, have, starts[0] + needed)
-            tail = placer.layout(view[starts[0] : starts[0] + needed], ends[0] - starts[0]) if needed else 0
-            if not tail:
+            tail = 0
+            if placer is not None and len(offsets[1]):
+                starts, ends = offsets[1].tolist(), offsets[2].tolist()
+                placer.begin(len(starts))
+                head_end = min(starts[0] + placer.head_size, ends[0])
+                have = self._fill(view, have, head_end)
+                needed = placer.head_needed(view[starts[0] : head_end], ends[0] - starts[0])
+                if needed:
+                    have = self._fill(view, have, starts[0] + needed)
+                    tail = placer.layout(view[starts[0] : starts[0] + needed], ends[0] - starts[0])
+            if not tail or placer is None:
                 self._fill(view, have, size)
                 return out, size
             segments, cursor = [], 0
@@ -450,9 +436,7 @@ def _receive(reader: _Reader, placer: Placer | None) -> tuple[Any, Payloads | Ex
         payloads = reader.value()
     else:
         total, offsets = _bulk_array(sizes_text)
-        placing = placer is not None and len(offsets[0]) > 0
-        received = reader.placed(total, offsets, placer) if placer and placing else reader.exactly(total)
-        payloads = _slice_payloads(received, offsets)
+        payloads = _slice_payloads(reader.exactly(total, offsets, placer), offsets)
     reader.value()  # (DEL)
     return script_reply, payloads
 
