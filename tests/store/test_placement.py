@@ -17,7 +17,7 @@ import pr_loader.dataloader as prl
 from pr_loader import codec
 from pr_loader.codec import RawTensor
 from pr_loader.collate import ColumnPlacer, collate_raw
-from pr_loader.store import BatchStore, ClaimedStep
+from pr_loader.store import BatchStore, ClaimedStep, StoredRow
 from tests.loader.conftest import assert_same, assert_same_epochs
 from tests.servers import REDIS_SERVER, RedisServer
 from tests.store.conftest import make_config
@@ -214,3 +214,56 @@ def test_rows_of_random_bytes_round_trip_through_the_placer(own_server: RedisSer
     claimed = claim_step(own_server.client(), samples, ColumnPlacer())
     assert placed(claimed) == [True, False, False, False]
     assert [row.payload for row in claimed.rows] == [codec.encode(s) for s in samples]
+
+
+class DribblingSocket:
+    """A socket that hands out a reply ``piece`` bytes per call at most, as a slow sender or a signal would
+    cut a ``MSG_WAITALL`` receive short."""
+
+    def __init__(self, data: bytes, piece: int) -> None:
+        self.data, self.at, self.piece = data, 0, piece
+
+    def _take(self, n: int) -> bytes:
+        chunk = self.data[self.at : self.at + min(n, self.piece)]
+        self.at += len(chunk)
+        return chunk
+
+    def recv(self, n: int) -> bytes:
+        return self._take(n)
+
+    def recv_into(self, buffer: memoryview, n: int, flags: int = 0) -> int:
+        chunk = self._take(n)
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def recvmsg_into(self, buffers: list[memoryview], ancbufsize: int = 0, flags: int = 0) -> tuple[Any, ...]:
+        got = 0
+        for buffer in buffers:
+            chunk = self._take(len(buffer))
+            buffer[: len(chunk)] = chunk
+            got += len(chunk)
+            if len(chunk) < len(buffer):
+                break
+        return got, [], 0, None
+
+
+@pytest.mark.parametrize("piece", [7, 4096, 70_000, 1 << 30])
+def test_the_scatter_receive_survives_short_reads(piece: int) -> None:
+    """The placed receive off a socket that returns a few bytes at a time (and whose first bytes the
+    reader buffered while parsing the array header): every payload whole again, every row in its column."""
+    from pr_loader.store import wire
+
+    samples = [{"blob": torch.arange(70_000 + 1, dtype=torch.int64) * i, "i": i} for i in range(3)]
+    payloads = [codec.encode(s) for s in samples]
+    reply = b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in payloads) + b"tail"
+    total, offsets = wire._bulk_array(b" ".join(b"%d" % len(p) for p in payloads))
+    reader = wire._Reader(DribblingSocket(reply, piece))  # type: ignore[arg-type]
+    reader.peek()  # (buffers the reply's first bytes, as parsing the EXEC header before it does)
+    placer = ColumnPlacer()
+    rows = wire._slice_payloads(reader.exactly(total, offsets, placer), offsets)
+    assert sorted(placer.placements) == [0, 1, 2]
+    stored = [StoredRow(str(i), row, placer.placements[i]) for i, row in enumerate(rows) if row is not None]
+    assert [row.payload for row in stored] == payloads
+    batch = collate_raw([ColumnPlacer.decode(row) for row in stored])
+    assert_same(tud.default_collate(samples), batch)
+    assert batch["blob"] is placer.placements[0].plan[1][0][0]
