@@ -15,6 +15,7 @@ binding); use ``pr_loader.DataLoader(linked=True)`` for bound views with workers
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import time
@@ -219,7 +220,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
                     )
             store = BatchStore.open(client, self.run_config(), create=self.create_run)
             keys = ShardKeys.for_shard(self.run_id, self.rank)
-            shard = _Shard(os.getpid(), client, store, PlanStore(client, keys.prefix), keys)
+            shard = _Shard(os.getpid(), client, store, PlanStore(client, keys.prefix, store.retrying), keys)
             self._shard_state = shard
         return shard
 
@@ -233,7 +234,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         pipe = shard.client.pipeline(transaction=False)
         pipe.hmget(shard.keys.meta, ["next_step", "committed_upto"])
         pipe.zrange(shard.keys.requeue, 0, -1)
-        (next_step, committed), requeued = pipe.execute()
+        (next_step, committed), requeued = shard.store.retrying(pipe.execute)
         return int(next_step), int(committed), sorted(int(s) for s in requeued)
 
     def inflight_mine(self) -> list[int]:
@@ -242,7 +243,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         pipe = shard.client.pipeline(transaction=False)
         pipe.zrange(shard.keys.leases, 0, -1)
         pipe.hgetall(shard.keys.owners)
-        leased, owners = pipe.execute()
+        leased, owners = shard.store.retrying(pipe.execute)
         me = self.consumer_id.encode()
         return sorted(int(s) for s in leased if owners.get(s) == me)
 
@@ -328,14 +329,20 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         if info is None:
             self.materialise(step)
             return
-        client = self.shard().client
+        shard = self.shard()
+        client, me = shard.client, str(info.id).encode()
+
+        def take(lock: str) -> bool:  # (a replay whose first attempt took the lock finds it ours)
+            taken = client.set(lock, me, nx=True, px=int(self.lease_seconds * 1000))
+            return bool(taken) or client.get(lock) == me
+
         for candidate in range(step, min(step + 2 * info.num_workers, epoch_end)):
-            lock = f"{self.shard().keys.prefix}matlock:{candidate}"
-            if client.set(lock, info.id, nx=True, px=int(self.lease_seconds * 1000)):
+            lock = f"{shard.keys.prefix}matlock:{candidate}"
+            if shard.store.retrying(functools.partial(take, lock)):
                 try:
                     self.materialise(candidate)
                 finally:
-                    client.delete(lock)
+                    shard.store.retrying(functools.partial(client.delete, lock))
                 return
         time.sleep(0.001)  # every nearby step is being materialised by another worker
 
@@ -507,7 +514,8 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         if self._pinned_epoch is not None:
             return self._pinned_epoch
         if self.epoch_from_store:
-            raw = self.shard().client.get(self.iter_epoch_key)
+            shard = self.shard()
+            raw = shard.store.retrying(functools.partial(shard.client.get, self.iter_epoch_key))
             if raw is None:
                 raise StepStateError("no epoch was pinned for this iteration by the main process")
             return int(raw)

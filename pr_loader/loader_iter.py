@@ -365,7 +365,8 @@ class LoaderIter:
 
     def _from_workers(self) -> Iterator[tuple[int, Any]]:
         source, loader = self.source, self.loader
-        source.shard().client.set(source.iter_epoch_key, self.epoch)
+        shard = source.shard()
+        shard.store.retrying(functools.partial(shard.client.set, source.iter_epoch_key, self.epoch))
         self.worker_iter = loader._worker_loader()
         for step, item in self.worker_iter:
             if isinstance(item, ClaimedStep):  # (built here: its view is bound to this process's session)

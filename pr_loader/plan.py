@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,17 @@ from pr_loader.errors import ConfigError
 from pr_loader.store.connection import Client
 
 _I64 = np.dtype("<i8")
+_T = TypeVar("_T")
+
+
+class Retrying(Protocol):
+    """Runs a call of idempotent Redis commands, retrying connection errors (``BatchStore.retrying``)."""
+
+    def __call__(self, call: Callable[[], _T]) -> _T: ...
+
+
+def _once(call: Callable[[], _T]) -> _T:
+    return call()
 
 
 @dataclass(frozen=True)
@@ -145,24 +156,26 @@ class PlanStore:
     The first writer of an epoch wins (``SET NX`` in one ``MULTI``); every consumer then uses that plan.
     """
 
-    def __init__(self, client: Client, prefix: str) -> None:
+    def __init__(self, client: Client, prefix: str, retrying: Retrying = _once) -> None:
         self.client = client
         self.prefix = prefix
+        self._retrying = retrying  # (every command here is idempotent, or its replay harmless: see save)
         self._offsets: dict[int, np.ndarray[Any, np.dtype[np.int64]]] = {}
 
     def _key(self, epoch: int, part: str) -> str:
         return f"{self.prefix}plan:{epoch}:{part}"
 
     def exists(self, epoch: int) -> bool:
-        return bool(self.client.exists(self._key(epoch, "off")))
+        return bool(self._retrying(lambda: self.client.exists(self._key(epoch, "off"))))
 
     def save(self, epoch: int, plan: EpochPlan) -> bool:
-        """Store ``plan`` unless epoch already has one; True if this call stored it."""
+        """Store ``plan`` unless epoch already has one; True if this call stored it (a replay after a lost
+        reply says False: the plan stored is then this one, and the caller reads it back)."""
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self._key(epoch, "idx"), plan.indices.astype(_I64).tobytes(), nx=True)
         pipe.set(self._key(epoch, "rng"), json.dumps(plan.rng_state), nx=True)
         pipe.set(self._key(epoch, "off"), plan.offsets.astype(_I64).tobytes(), nx=True)
-        stored = bool(pipe.execute()[-1])
+        stored = bool(self._retrying(pipe.execute)[-1])
         if stored:
             self._offsets[epoch] = plan.offsets
         return stored
@@ -170,7 +183,7 @@ class PlanStore:
     def offsets(self, epoch: int) -> np.ndarray[Any, np.dtype[np.int64]] | None:
         cached = self._offsets.get(epoch)
         if cached is None:
-            raw = self.client.get(self._key(epoch, "off"))
+            raw = self._retrying(lambda: self.client.get(self._key(epoch, "off")))
             if raw is None:
                 return None
             cached = np.frombuffer(_as_bytes(raw), dtype=_I64).astype(np.int64)
@@ -178,7 +191,7 @@ class PlanStore:
         return cached
 
     def rng_state(self, epoch: int) -> dict[str, str] | None:
-        raw = self.client.get(self._key(epoch, "rng"))
+        raw = self._retrying(lambda: self.client.get(self._key(epoch, "rng")))
         return None if raw is None else dict(json.loads(raw))
 
     def num_steps(self, epoch: int) -> int | None:
@@ -193,7 +206,7 @@ class PlanStore:
         start, end = int(offsets[first]), int(offsets[last + 1])
         if end == start:
             return [[] for _ in range(first, last + 1)]
-        raw = self.client.getrange(self._key(epoch, "idx"), start * 8, end * 8 - 1)
+        raw = self._retrying(lambda: self.client.getrange(self._key(epoch, "idx"), start * 8, end * 8 - 1))
         flat = np.frombuffer(_as_bytes(raw), dtype=_I64)
         return [
             [int(i) for i in flat[int(offsets[b]) - start : int(offsets[b + 1]) - start]]
@@ -203,5 +216,6 @@ class PlanStore:
     def delete_epoch(self, epoch: int) -> None:
         """Drop the plan of ``epoch`` (once rollback can no longer reach it)."""
         if epoch >= 0:
-            self.client.delete(*(self._key(epoch, p) for p in ("idx", "off", "rng")))
+            keys = [self._key(epoch, p) for p in ("idx", "off", "rng")]
+            self._retrying(lambda: self.client.delete(*keys))
         self._offsets.pop(epoch, None)

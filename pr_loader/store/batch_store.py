@@ -121,7 +121,7 @@ class BatchStore:
         if stored.get("retain_steps") != str(self._config.retain_steps):
             logger.info("run %s: retain_steps %s -> %s", self._config.run_id, stored.get("retain_steps"),
                         self._config.retain_steps)
-            self._retrying(lambda: self._client.hset(self._keys.meta, "retain_steps",
+            self.retrying(lambda: self._client.hset(self._keys.meta, "retain_steps",
                                                      str(self._config.retain_steps)))
 
     def _shard_node(self) -> Any:
@@ -155,7 +155,7 @@ class BatchStore:
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    def _retrying(self, call: Callable[[], _T]) -> _T:
+    def retrying(self, call: Callable[[], _T]) -> _T:
         """Run call, retrying connection errors with backoff for up to retry_seconds; map Redis errors."""
         deadline = time.monotonic() + self._retry_seconds
         delay = 0.05
@@ -184,7 +184,7 @@ class BatchStore:
     def _script(self, name: str, *args: str | bytes | int) -> list[Any]:
         script = self._scripts[name]
         argv = [self._keys.prefix, *args]
-        reply: list[Any] = self._retrying(lambda: script(keys=[self._keys.meta], args=argv))
+        reply: list[Any] = self.retrying(lambda: script(keys=[self._keys.meta], args=argv))
         return reply
 
     def _read_after(
@@ -219,7 +219,7 @@ class BatchStore:
                     raise
                 return wire.SizedReply(None, exc)  # (refused when queued: the transaction did not run)
 
-        reply, payloads = self._retrying(run)
+        reply, payloads = self.retrying(run)
         if isinstance(payloads, Exception):  # read them with MGET (which reports a failing server itself)
             self._sort_refused(payloads)
             if reply is None:
@@ -281,7 +281,7 @@ class BatchStore:
                     out += self._client.mget(names[i:i + _CHUNK])
                 return out
 
-            fetched = iter(self._retrying(read) if names else [])
+            fetched = iter(self.retrying(read) if names else [])
             payloads = [known[r] if r in known else next(fetched) for r in refs]
         # (by identity, not `None in`: that compares 256 memoryviews with ==, 70 us)
         ref = next((r for r, payload in zip(refs, payloads) if payload is None), None)
@@ -299,7 +299,7 @@ class BatchStore:
             pipe.hget(self._keys.owners, step)
             return list(pipe.execute())
 
-        state, owner = self._retrying(read)
+        state, owner = self.retrying(read)
         return bool(state == b"inflight" and owner == consumer_id.encode())
 
     def _staged_script(
@@ -313,7 +313,7 @@ class BatchStore:
         run = functools.partial(upload, self._client, self._scripts[name], self._keys.meta,
                                 [self._keys.prefix, op_id, *args], names, payloads)  # fmt: skip
         for _ in range(3):
-            reply = self._retrying(run)
+            reply = self.retrying(run)
             if reply[0] != b"restage":
                 return reply
         raise StoreError(f"staged payloads of {name.lower()} keep disappearing at {self._address()}")
@@ -343,7 +343,7 @@ class BatchStore:
 
     def is_materialised(self, step: int) -> bool:
         """Whether the fresh batch of ``step`` was written (and not yet garbage-collected)."""
-        return bool(self._retrying(lambda: self._client.hexists(self._keys.materialised, step)))
+        return bool(self.retrying(lambda: self._client.hexists(self._keys.materialised, step)))
 
     def materialise(self, step: int, rows: Sequence[tuple[int, bytes]]) -> bool:
         """Write the fresh batch of ``step`` as (dataset index, payload) pairs; False if it already was."""
@@ -523,7 +523,7 @@ class BatchStore:
     def dead_letter(self, step: int, ref: RowRef, reason: str, *, op_id: str | None = None) -> None:
         """Take ``ref`` out of in-flight ``step`` into the dead-letter list (kept with its payload)."""
         encoded = ref.encode()
-        payload = self._retrying(lambda: self._client.get(self._keys.payload(encoded)))
+        payload = self.retrying(lambda: self._client.get(self._keys.payload(encoded)))
         record = msgpack.packb(
             {"ref": encoded, "step": step, "reason": reason, "payload": payload or b"", "at": time.time()}
         )
@@ -534,7 +534,7 @@ class BatchStore:
 
     def dead_letters(self, start: int = 0, end: int = -1) -> list[DeadLetter]:
         """Dead-letter records (LRANGE semantics for start/end)."""
-        raw = self._retrying(lambda: self._client.lrange(self._keys.dead, start, end))
+        raw = self.retrying(lambda: self._client.lrange(self._keys.dead, start, end))
         out = []
         for item in raw:
             rec = msgpack.unpackb(item)
@@ -553,14 +553,14 @@ class BatchStore:
         """Counts of upcoming rows, postponed rows not yet committed (waiting in a later step, or in a step
         in flight) and their staleness, leases and dead letters."""
         keys = self._keys
-        meta = self._retrying(lambda: self._client.hgetall(keys.meta))
+        meta = self.retrying(lambda: self._client.hgetall(keys.meta))
         next_step = int(meta[b"next_step"])
         last = max(next_step, int(meta.get(b"max_target", b"-1")))
-        mat = self._retrying(lambda: self._client.hkeys(keys.materialised))
-        requeued = [int(s) for s in self._retrying(lambda: self._client.zrange(keys.requeue, 0, -1))]
+        mat = self.retrying(lambda: self._client.hkeys(keys.materialised))
+        requeued = [int(s) for s in self.retrying(lambda: self._client.zrange(keys.requeue, 0, -1))]
         candidates = sorted({int(s) for s in mat} | set(range(next_step, last + 1)) | set(requeued))
         # rows of every step that may be in flight when the pipeline runs (a claim moves arrivals into them)
-        leased = self._retrying(lambda: self._client.zrange(keys.leases, 0, -1))
+        leased = self.retrying(lambda: self._client.zrange(keys.leases, 0, -1))
         claimable = sorted(set(candidates) | {int(s) for s in leased})
 
         def read() -> list[Any]:
@@ -575,7 +575,7 @@ class BatchStore:
             pipe.llen(keys.dead)
             return list(pipe.execute())
 
-        stats = StoreStats.from_reads(meta, requeued, candidates, claimable, self._retrying(read))
+        stats = StoreStats.from_reads(meta, requeued, candidates, claimable, self.retrying(read))
         node = self._shard_node()
         try:  # on a cluster: the master that holds the shard
             info = self._client.info("memory", **({} if node is None else {"target_nodes": node}))
@@ -601,6 +601,6 @@ class BatchStore:
                 deleted += int(self._client.delete(*found[i:i + 500]))
             return deleted
 
-        count = self._retrying(delete)
+        count = self.retrying(delete)
         logger.info("run %s rank %d: deleted %d keys", self._config.run_id, self._config.rank, count)
         return count

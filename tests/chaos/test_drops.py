@@ -191,3 +191,38 @@ def test_stalled_reply_times_out_and_retry_is_deduplicated(
     finally:
         client.close()
         direct.close()
+
+
+def test_rows_received_into_batch_columns_survive_cut_connections(proxy: ChaosProxy) -> None:
+    """A DataLoader whose rows' tensors are received straight into the batch columns (256 KiB per row:
+    pr_loader.collate.ColumnPlacer), every connection cut at random moments, mid-reply among them: each
+    epoch's batches are torch's DataLoader's, bit for bit."""
+    import torch
+    import torch.utils.data as tud
+
+    import pr_loader.dataloader as prl
+    from tests.loader.conftest import assert_same
+
+    rng = random.Random(chaos_seed())
+    generator = torch.Generator().manual_seed(chaos_seed())
+    data = [{"image": torch.randint(0, 256, (64, 4096), dtype=torch.uint8, generator=generator), "i": i}
+            for i in range(24)]  # fmt: skip
+    kwargs: dict[str, Any] = {"batch_size": 4, "shuffle": True}
+    reference = tud.DataLoader(data, generator=torch.Generator().manual_seed(1), **kwargs)
+    loader = prl.DataLoader(data, generator=torch.Generator().manual_seed(1), redis_url=proxy.url, **kwargs)
+    stop = threading.Event()
+
+    def cut_at_random() -> None:
+        while not stop.wait(rng.uniform(0.002, 0.03)):
+            proxy.drop_all()
+
+    cutter = threading.Thread(target=cut_at_random, daemon=True)
+    cutter.start()
+    try:
+        for epoch in range(chaos_iterations(2)):
+            assert_same(list(reference), list(loader), f"epoch {epoch}")
+    finally:
+        stop.set()
+        cutter.join()
+        loader.close()
+    assert proxy.stats.drops > 0

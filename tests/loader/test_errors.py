@@ -117,3 +117,35 @@ def test_checkpoint_ahead_of_the_store_is_reported() -> None:
     with pytest.raises(CommittedStepsLost):  # the live loader notices too, instead of yielding step 1 again
         for _ in range(3):
             next(it)
+
+
+def test_the_loaders_own_reads_retry_a_dropped_connection(
+    monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer
+) -> None:
+    """Besides the store's scripts, the loader reads the epoch plan and the shard's position itself; a
+    connection lost under each of those reads is retried like the store's calls, not raised."""
+    import redis
+
+    failures = {"getrange": 1, "execute": 2}
+    real_getrange = redis.Redis.getrange
+    real_execute = redis.client.Pipeline.execute
+
+    def getrange(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if failures["getrange"]:
+            failures["getrange"] -= 1
+            raise redis.ConnectionError("dropped")
+        return real_getrange(self, *args, **kwargs)
+
+    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if failures["execute"]:
+            failures["execute"] -= 1
+            raise redis.ConnectionError("dropped")
+        return real_execute(self, *args, **kwargs)
+
+    data = [{"x": torch.tensor(i)} for i in range(12)]
+    loader = prl.DataLoader(data, batch_size=4, redis_url=redis_server.url)
+    monkeypatch.setattr(redis.Redis, "getrange", getrange)
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    assert [b["x"].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    loader.close()
+    assert failures == {"getrange": 0, "execute": 0}
