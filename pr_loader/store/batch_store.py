@@ -122,7 +122,7 @@ class BatchStore:
             logger.info("run %s: retain_steps %s -> %s", self._config.run_id, stored.get("retain_steps"),
                         self._config.retain_steps)
             self.retrying(lambda: self._client.hset(self._keys.meta, "retain_steps",
-                                                     str(self._config.retain_steps)))
+                                                    str(self._config.retain_steps)))
 
     def _shard_node(self) -> Any:
         """The cluster node that holds this shard's slot, or None for a plain client."""
@@ -156,7 +156,8 @@ class BatchStore:
     # -- plumbing ---------------------------------------------------------------------------------
 
     def retrying(self, call: Callable[[], _T]) -> _T:
-        """Run call, retrying connection errors with backoff for up to retry_seconds; map Redis errors."""
+        """Run ``call`` (idempotent Redis commands, or a script with an op id), retrying connection errors
+        with backoff for up to ``retry_seconds`` (then StoreUnavailable); other Redis errors become ours."""
         deadline = time.monotonic() + self._retry_seconds
         delay = 0.05
         while True:
