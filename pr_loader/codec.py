@@ -509,8 +509,13 @@ def decode_raw_tensors(data: bytes | bytearray | memoryview, *, allow_pickle: bo
         return decode(data, allow_pickle=allow_pickle)
 
 
-def _skeleton_end(view: memoryview, allow_pickle: bool) -> int:
-    """The checked header of a payload (``view``: at least its first bytes): where its skeleton ends."""
+HEAD_SIZE = _HEADER.size  # the bytes of a payload that :func:`skeleton_end` reads
+
+
+def skeleton_end(view: memoryview, allow_pickle: bool = False) -> int:
+    """Where the skeleton of a payload ends, from its checked header (``view``: at least its first
+    :data:`HEAD_SIZE` bytes); CodecError for a payload :func:`decode` refuses by its header. Internal, also
+    for :class:`pr_loader.collate.ColumnPlacer`."""
     if len(view) < _HEADER.size:
         raise CodecError(f"not a pr_loader codec payload (starts with {bytes(view[:8])!r})")
     magic, version, flags, skeleton_len = _HEADER.unpack_from(view)
@@ -532,7 +537,7 @@ def _decode(data: bytes | bytearray | memoryview, allow_pickle: bool, copy: bool
         view = memoryview(data).cast("B")
     except (TypeError, ValueError) as exc:
         raise CodecError(f"expected bytes, got {type(data).__name__}") from exc
-    end = _skeleton_end(view, allow_pickle)
+    end = skeleton_end(view, allow_pickle)
     if end > len(view):
         raise CodecError(f"truncated payload: skeleton needs {end} bytes, {len(view)} present")
     decoder = _Decoder(view[end:], allow_pickle, copy, raw_tensors)
@@ -544,15 +549,6 @@ def _decode(data: bytes | bytearray | memoryview, allow_pickle: bool, copy: bool
         raise CodecError(f"corrupt payload: {type(exc).__name__}: {exc}") from exc
 
 
-HEAD_SIZE = _HEADER.size  # the bytes of a payload that :func:`skeleton_end` reads
-
-
-def skeleton_end(head: memoryview, *, allow_pickle: bool = False) -> int:
-    """Internal, for :class:`pr_loader.collate.ColumnPlacer`: where the skeleton of a payload ends, from its
-    first :data:`HEAD_SIZE` bytes (CodecError for a payload :func:`decode` refuses by its header)."""
-    return _skeleton_end(head, allow_pickle)
-
-
 def decode_placeable(
     head: memoryview, raw_nbytes: int, *, allow_pickle: bool = False
 ) -> tuple[Any, list[tuple[int, RawTensor]]] | None:
@@ -561,7 +557,7 @@ def decode_placeable(
     as RawTensors and those, by raw offset, when tensors tile the whole raw area (their ``data`` views a
     stand-in: the caller points each at where it receives the tensor's bytes); None when anything else
     lives there (a numpy array) or the sample needs real tensors. CodecError as :func:`decode`."""
-    end = _skeleton_end(head, allow_pickle)
+    end = skeleton_end(head, allow_pickle)
     if end != len(head):
         raise CodecError(f"truncated payload: skeleton needs {end} bytes, {len(head)} given")
     decoder = _Decoder(_stand_in(raw_nbytes), allow_pickle, False, True)

@@ -159,6 +159,23 @@ def collate_raw(rows: list[Any]) -> Any:
         return default_collate(materialise(rows))
 
 
+Layout = list[tuple[int, torch.dtype, tuple[int, ...]]]  # a row's tensors: raw offset, dtype, shape
+
+
+def _layout_of(records: list[tuple[int, RawTensor]]) -> Layout:
+    return [(offset, record.dtype, record.shape) for offset, record in records]
+
+
+def _placeable(
+    head: memoryview, size: int, allow_pickle: bool
+) -> tuple[Any, list[tuple[int, RawTensor]]] | None:
+    """``codec.decode_placeable`` of a payload of ``size`` bytes from its ``head``; None where it raises."""
+    try:
+        return codec.decode_placeable(head, size - len(head), allow_pickle=allow_pickle)
+    except CodecError:
+        return None
+
+
 class ColumnPlacer:
     """Receives the tensors of a claim's rows straight into the batch columns :func:`stack_raw` would copy
     them into (a :class:`pr_loader.store.records.Placer`), so that each byte is copied once, by the kernel,
@@ -187,39 +204,34 @@ class ColumnPlacer:
         self.allow_pickle = allow_pickle
         self.placements: dict[int, Placed] = {}
         self._count = 0
-        self._layout: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
         self._columns: list[tuple[torch.Tensor, memoryview, int]] = []  # column, its bytes, bytes per row
         self._tail = 0  # bytes placed per row
-        self._plan: tuple[list[torch.Tensor], list[tuple[int, torch.dtype, tuple[int, ...]]]] = ([], [])
+        self._plan: tuple[list[torch.Tensor], Layout] = ([], [])  # what each row's Placed refers to
 
     def begin(self, count: int) -> None:
         """A reply of ``count`` payloads follows (0: forget the placements)."""
-        self.placements, self._layout, self._columns = {}, [], []
+        self.placements, self._columns, self._tail, self._plan = {}, [], 0, ([], [])
         self._count = count
 
     def head_needed(self, head: memoryview, size: int) -> int:
         """Payload 0's bytes up to the end of its skeleton (0: not a payload to place)."""
         try:
-            end = codec.skeleton_end(head, allow_pickle=self.allow_pickle)
+            end = codec.skeleton_end(head, self.allow_pickle)
         except CodecError:
             return 0
         return end if end + self.min_tail <= size else 0
 
     def layout(self, head: memoryview, size: int) -> int:
         """The columns of payload 0's tensors; returns their bytes per row (0: payload 0 is not placeable)."""
-        try:
-            decoded = codec.decode_placeable(head, size - len(head), allow_pickle=self.allow_pickle)
-        except CodecError:
-            return 0
+        decoded = _placeable(head, size, self.allow_pickle)
         if decoded is None:
             return 0
-        for offset, record in decoded[1]:
+        for _, record in decoded[1]:
             column = batch_memory.empty((self._count, *record.shape), record.dtype)
             column_bytes = column.reshape(-1).view(torch.uint8).numpy().data
             self._columns.append((column, column_bytes, record.data.nbytes))
-            self._layout.append((offset, record.dtype, record.shape))
         self._tail = size - len(head)
-        self._plan = ([column for column, _, _ in self._columns], self._layout)
+        self._plan = ([column for column, _, _ in self._columns], _layout_of(decoded[1]))
         return self._tail
 
     def destinations(self, index: int, size: int) -> list[memoryview]:
@@ -236,13 +248,10 @@ class ColumnPlacer:
         if placed is None:
             return codec.decode_raw_tensors(row.buffer, allow_pickle=allow_pickle)
         index, (columns, layout) = placed.plan
-        head = memoryview(row.buffer)[: placed.start]
-        try:
-            decoded = codec.decode_placeable(head, len(row.buffer) - len(head), allow_pickle=allow_pickle)
-        except CodecError:
-            decoded = None
-        if decoded is None or [(offset, r.dtype, r.shape) for offset, r in decoded[1]] != layout:
+        decoded = _placeable(memoryview(row.buffer)[: placed.start], len(row.buffer), allow_pickle)
+        if decoded is None or _layout_of(decoded[1]) != layout:
             return codec.decode_raw_tensors(row.payload, allow_pickle=allow_pickle)
         for (_, record), piece, column in zip(decoded[1], placed.pieces, columns):
             record.data, record.column = piece, (column, index)
         return decoded[0]
+
