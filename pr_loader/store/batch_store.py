@@ -31,7 +31,7 @@ from pr_loader.errors import (
     StoreUnavailable,
     UnsupportedSchema,
 )
-from pr_loader.store import scripts, wire
+from pr_loader.store import frames, scripts, wire
 from pr_loader.store.kept import close_kept
 from pr_loader.store.keys import ShardKeys
 from pr_loader.store.records import (
@@ -363,7 +363,7 @@ class BatchStore:
                 raise ConfigError(f"step {step}: payload of index {index} must be bytes")
             seen.add(index)
             refs.append(f"{epoch}:{index}:0:-")
-            payloads.append(wire.payload_buffer(payload))
+            payloads.append(frames.payload_buffer(payload))
         reply = self._staged_script("MATERIALISE", os.urandom(16).hex(), payloads, str(step), *refs)
         return bool(reply[1])
 
@@ -468,7 +468,7 @@ class BatchStore:
             seen.add(old)
             new = ref.postponed(step)
             new_refs.append(new)
-            payloads.append(wire.payload_buffer(payload))  # (a claimed row's view is sent, not copied)
+            payloads.append(frames.payload_buffer(payload))  # (a claimed row's view is sent, not copied)
             args += [old, new.encode()]
         if not new_refs:
             return []

@@ -33,10 +33,8 @@ sent and parsed here with hiredis (13-17% faster than through redis-py's ``Pipel
 RESP3 and in-process fakeredis through redis-py. A cluster reads payloads with MGET after the script.
 
 The write side, on the same sockets: a staged upload (``MULTI`` / ``MSET`` stages / ``EVALSHA`` / ``EXEC``)
-goes out by scatter-gather ``sendmsg`` from the payloads' own buffers (:func:`_frames`, :func:`_send`).
-redis-py's hiredis packer copies every payload into one command at ~0.4 GB/s on this VM (measured: 21 ms
-for 8 x 1 MiB, against 0.9 ms to join the same bytes), which made the packing cost as much as the raw write
-it was compared with.
+goes out by scatter-gather ``sendmsg`` from the payloads' own buffers (:mod:`pr_loader.store.frames`:
+redis-py's packing of the payloads cost as much as the raw write it was compared with).
 
 Both go over a connection each thread keeps for them (:mod:`pr_loader.store.kept`).
 """
@@ -56,6 +54,7 @@ import redis
 from redis._parsers.base import BaseParser
 from redis.commands.core import Script
 
+from pr_loader.store import frames
 from pr_loader.store.kept import thread_connection
 from pr_loader.store.records import Placer
 
@@ -65,7 +64,7 @@ except ImportError:  # (installed with pr_loader; without it the pipelined read 
     hiredis = None  # type: ignore[assignment]
 
 __all__ = [
-    "ONE_PIECE", "Payloads", "Placer", "SizedReply", "payload_buffer", "pipelined",
+    "ONE_PIECE", "Payloads", "Placer", "SizedReply", "pipelined",
     "staged_in_transaction", "staged_then_run", "supports", "transact",
 ]  # fmt: skip
 
@@ -75,8 +74,6 @@ Payloads = list[bytes | memoryview | None]  # (views from transact, bytes from p
 _T = TypeVar("_T")
 
 _CHUNK = 1 << 16
-_INLINE = 1 << 12  # arguments from this size are sent from their own buffer (see _frames)
-_IOV_MAX = 1000  # buffers per sendmsg (Linux takes 1024)
 _MSET_KEYS = 8  # keys per MSET of staged payloads: hiredis.pack_command slows down superlinearly with size
 _MSET_BYTES = 64 << 20  # payload bytes per MSET sent from the payloads' own buffers (Redis must hold one
 # whole command in its query buffer, 1 GiB at most by default)
@@ -275,7 +272,7 @@ class _Reader:
             segments[first] = segment[early:]
             first += 1 if early == segment.nbytes else 0
         while first < len(segments):
-            chunk = segments[first : first + _IOV_MAX]
+            chunk = segments[first : first + frames.IOV_MAX]
             got = self.sock.recvmsg_into(chunk, 0, socket.MSG_WAITALL)[0]
             if not got:
                 raise redis.ConnectionError("Redis closed the connection mid-reply")
@@ -295,71 +292,6 @@ class _Reader:
                 raise redis.ConnectionError("Redis closed the connection mid-reply")
             have += got
         return have
-
-
-def payload_buffer(payload: bytes | bytearray | memoryview) -> bytes | memoryview:
-    """``payload`` as something to upload without a copy: ``bytes`` as is, another contiguous buffer (e.g. a
-    claimed row's view of its receive buffer) as a byte view of it; a non-contiguous one is copied."""
-    if type(payload) is bytes:
-        return payload
-    view = memoryview(payload)
-    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
-        return view  # (already one: e.g. given again by _frames after BatchStore took it)
-    return view.cast("B") if view.c_contiguous else view.tobytes()
-
-
-def _frames(commands: list[tuple[Any, ...]]) -> list[bytes | memoryview]:
-    """The RESP2 request of ``commands`` as buffers to send in order: the small arguments framed together,
-    each big argument (a payload: ``bytes`` or a byte view from :func:`payload_buffer`) a buffer of its own,
-    never copied."""
-    out: list[bytes | memoryview] = []
-    head = bytearray()
-    for command in commands:
-        head += b"*%d\r\n" % len(command)
-        for arg in command:
-            data: bytes | memoryview
-            if type(arg) is bytes:
-                data = arg
-            elif isinstance(arg, (bytearray, memoryview)):
-                data = payload_buffer(arg)
-            else:
-                data = str(arg).encode()  # (str, int, float: as redis-py sends them)
-            size = len(data)  # (a view from payload_buffer is one-dimensional bytes)
-            head += b"$%d\r\n" % size
-            if size < _INLINE:
-                head += data
-                head += _CRLF
-            else:
-                out += (bytes(head), data)
-                head = bytearray(_CRLF)
-    out.append(bytes(head))
-    return out
-
-
-def _small_frames(commands: list[tuple[Any, ...]]) -> list[bytes | memoryview]:
-    """:func:`_frames` for commands without payloads (script arguments, ``SORT``, ``DEL``): packed by hiredis
-    in C where it is installed (2.7 us against 8 us for a prefetch's three commands, measured)."""
-    if hiredis is None:
-        return _frames(commands)
-    return [b"".join(map(hiredis.pack_command, commands))]
-
-
-def _send(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
-    """Send ``buffers`` whole, in order, by scatter-gather ``sendmsg`` (one call for up to ``_IOV_MAX`` of
-    them: one GIL release, no joined copy; hiredis packs payloads into one command at ~0.4 GB/s here)."""
-    views = [memoryview(b) for b in buffers]
-    first = 0
-    while first < len(views):
-        sent = sock.sendmsg(views[first : first + _IOV_MAX])
-        while sent:  # (a blocking send may still stop short, e.g. on a signal)
-            size = views[first].nbytes
-            if sent < size:
-                views[first] = views[first][sent:]
-                break
-            sent -= size
-            first += 1
-        while first < len(views) and not views[first].nbytes:  # (empty payloads: nothing to send)
-            first += 1
 
 
 _PARSE_ERROR: Callable[[str], redis.exceptions.RedisError] = BaseParser.parse_error  # (redis-py's own)
@@ -473,7 +405,7 @@ def transact(
                 ("DEL", xfer), ("EXEC",)]  # fmt: skip
 
     def exchange(sock: socket.socket) -> SizedReply:
-        _send(sock, _small_frames(commands))
+        frames.send(sock, frames.small(commands))
         return SizedReply(*_receive(_Reader(sock), placer))
 
     return _exchange(client, exchange)
@@ -502,7 +434,7 @@ def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern:
 
 def _pipeline(commands: list[tuple[Any, ...]], sock: socket.socket) -> list[Any]:
     """Send ``commands`` (without payloads) and read their replies."""
-    _send(sock, _small_frames(commands))
+    frames.send(sock, frames.small(commands))
     return _read_replies(sock, len(commands))
 
 
@@ -540,8 +472,8 @@ def _receive_exec(reader: _Reader, queued: int) -> list[Any]:
 
 def _upload(uploads: list[tuple[Any, ...]], call: tuple[Any, ...], sock: socket.socket) -> list[Any]:
     """MULTI, the payload-carrying ``uploads``, the script ``call`` and EXEC in one send (the call's many
-    small arguments packed by :func:`_small_frames`: 23 against 8 us for a postpone of 16 rows, measured)."""
-    _send(sock, [*_frames([("MULTI",), *uploads]), *_small_frames([call, ("EXEC",)])])
+    small arguments packed by :func:`frames.small`: 23 against 8 us for a postpone of 16 rows, measured)."""
+    frames.send(sock, [*frames.framed([("MULTI",), *uploads]), *frames.small([call, ("EXEC",)])])
     return _receive_exec(_Reader(sock), len(uploads) + 1)
 
 
@@ -549,13 +481,13 @@ def staged_in_transaction(
     client: Any, script: Script, meta_key: str, argv: list[str], names: list[str],
     payloads: list[bytes | memoryview],
 ) -> list[Any]:
-    """Upload ``payloads`` (see :func:`payload_buffer`) to the stage keys ``names`` and run ``script`` (which
-    adopts them by RENAME or drops them: payload bytes never enter Lua) in one round trip: a MULTI
+    """Upload ``payloads`` (see :func:`frames.payload_buffer`) to the stage keys ``names`` and run ``script``
+    (which adopts them by RENAME or drops them: payload bytes never enter Lua) in one round trip: a MULTI
     transaction of MSETs and the EVALSHA (measured faster than SETs with a TTL: fewer commands to pack and
-    parse). On a plain socket (:func:`supports`) the payloads go out from their own buffers (:func:`_send`);
-    otherwise through redis-py, whose packing copies them. Should the server have lost its script cache, the
-    stages get a TTL and the script is loaded and run at once. The script gets one more ARGV, last: ``'1'``
-    when the stages carry a TTL (it drops it on adoption), else ``'0'``."""
+    parse). On a plain socket (:func:`supports`) the payloads go out from their own buffers
+    (:func:`frames.send`); otherwise through redis-py, whose packing copies them. Should the server have
+    lost its script cache, the stages get a TTL and the script is loaded and run at once. The script gets
+    one more ARGV, last: ``'1'`` when the stages carry a TTL (it drops it on adoption), else ``'0'``."""
     if supports(client):
         uploads: list[tuple[Any, ...]] = []
         args: list[Any] = []

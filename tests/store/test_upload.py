@@ -1,5 +1,5 @@
 """The staged upload of new payloads (materialise, postpone) sent from the payloads' own buffers
-(pr_loader.store.wire._send), on real redis-servers, and the partial-send loop on its own."""
+(pr_loader.store.frames.send), on real redis-servers, and the partial-send loop on its own."""
 
 from __future__ import annotations
 
@@ -11,20 +11,20 @@ from typing import Any
 import pytest
 
 from pr_loader.errors import StoreError, StoreUnavailable
-from pr_loader.store import BatchStore, wire
+from pr_loader.store import BatchStore, frames, wire
 from tests.servers import RedisServer
 from tests.store.conftest import make_config
 
 
 def _spy_sends(monkeypatch: pytest.MonkeyPatch) -> list[list[bytes]]:
     sent: list[list[bytes]] = []
-    real = wire._send
+    real = frames.send
 
     def spy(sock: Any, buffers: list[bytes]) -> None:
         sent.append(buffers)
         real(sock, buffers)
 
-    monkeypatch.setattr(wire, "_send", spy)
+    monkeypatch.setattr(frames, "send", spy)
     return sent
 
 
@@ -32,14 +32,14 @@ def test_payloads_are_stored_byte_exact_and_sent_uncopied(
     own_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = own_server.client()
-    sizes = [0, 1, wire._INLINE - 1, wire._INLINE, wire._INLINE + 1, (1 << 20) + 5]
+    sizes = [0, 1, frames.INLINE - 1, frames.INLINE, frames.INLINE + 1, (1 << 20) + 5]
     store = BatchStore.open(client, make_config(batch_size=len(sizes), steps_per_epoch=3))
     payloads = [os.urandom(n) for n in sizes]
     sent = _spy_sends(monkeypatch)
     assert store.materialise(0, list(enumerate(payloads)))
     assert store.materialise(1, [(10 + i, b"q") for i in range(len(sizes))])
     assert [client.get(store.keys.payload(f"0:{i}:0:-")) for i in range(len(sizes))] == payloads
-    big = [p for p in payloads if len(p) >= wire._INLINE]
+    big = [p for p in payloads if len(p) >= frames.INLINE]
     assert len(big) == 3 and all(any(b is p for b in sent[0]) for p in big)  # (their own buffers)
     claimed = store.claim("c", 60, now=0)
     assert claimed is not None
@@ -48,8 +48,8 @@ def test_payloads_are_stored_byte_exact_and_sent_uncopied(
     assert [client.get(store.keys.payload(ref.encode())) for ref in new] == [bytes(p) for _, p in partial]
     # views (a claimed row's payload is one) go out from the memory they view, uncopied; a non-contiguous
     # view is copied
-    memory = bytearray(os.urandom(3 * wire._INLINE))
-    views = [memoryview(memory)[: 2 * wire._INLINE], memoryview(memory)[::3]]
+    memory = bytearray(os.urandom(3 * frames.INLINE))
+    views = [memoryview(memory)[: 2 * frames.INLINE], memoryview(memory)[::3]]
     sent.clear()
     new = store.postpone(0, "c", [(row.ref, v) for row, v in zip(claimed.rows[3:], views)], 2, now=0)
     assert [client.get(store.keys.payload(ref.encode())) for ref in new] == [v.tobytes() for v in views]
@@ -62,10 +62,10 @@ def test_payloads_are_stored_byte_exact_and_sent_uncopied(
 def test_more_buffers_than_one_sendmsg_takes(
     own_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(wire, "_IOV_MAX", 5)
+    monkeypatch.setattr(frames, "IOV_MAX", 5)
     client = own_server.client()
     store = BatchStore.open(client, make_config(batch_size=40, steps_per_epoch=2))
-    payloads = [bytes([i]) * (wire._INLINE + i) for i in range(40)]
+    payloads = [bytes([i]) * (frames.INLINE + i) for i in range(40)]
     store.materialise(0, list(enumerate(payloads)))
     claimed = store.claim("c", 60, now=0)
     assert claimed is not None and [bytes(r.payload) for r in claimed.rows] == payloads
@@ -136,23 +136,23 @@ class _TrickleSocket:
 def test_partial_sends_resume_where_they_stopped(most: int) -> None:
     buffers = [b"*1\r\n$3\r\n", b"abc", b"", b"\r\n", b"x" * 50, b"", b"tail"]
     sock = _TrickleSocket(most)
-    wire._send(sock, buffers)  # type: ignore[arg-type]
+    frames.send(sock, buffers)  # type: ignore[arg-type]
     assert bytes(sock.received) == b"".join(buffers)
     assert sock.calls == (1 if most >= 70 else -(-len(b"".join(buffers)) // most))
 
 
 def test_frames_are_resp2_with_big_arguments_as_their_own_buffers() -> None:
-    payload = b"p" * wire._INLINE
-    frames = wire._frames([("MSET", "k", payload), ("EVALSHA", "abc", 1, b"\x00", 2.5)])
-    assert b"".join(frames) == (
+    payload = b"p" * frames.INLINE
+    request = frames.framed([("MSET", "k", payload), ("EVALSHA", "abc", 1, b"\x00", 2.5)])
+    assert b"".join(request) == (
         b"*3\r\n$4\r\nMSET\r\n$1\r\nk\r\n$%d\r\n" % len(payload) + payload + b"\r\n"
         b"*5\r\n$7\r\nEVALSHA\r\n$3\r\nabc\r\n$1\r\n1\r\n$1\r\n\x00\r\n$3\r\n2.5\r\n"
     )
-    assert any(f is payload for f in frames)
-    memory = bytearray(b"v" * wire._INLINE)
-    frames = wire._frames([("SET", "k", memoryview(memory)), ("SET", "j", memoryview(memory)[:3])])
-    assert b"".join(frames) == (
+    assert any(f is payload for f in request)
+    memory = bytearray(b"v" * frames.INLINE)
+    request = frames.framed([("SET", "k", memoryview(memory)), ("SET", "j", memoryview(memory)[:3])])
+    assert b"".join(request) == (
         b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$%d\r\n" % len(memory) + memory + b"\r\n"
         b"*3\r\n$3\r\nSET\r\n$1\r\nj\r\n$3\r\nvvv\r\n"
     )
-    assert any(isinstance(f, memoryview) and f.obj is memory for f in frames)  # (a view of it, no copy)
+    assert any(isinstance(f, memoryview) and f.obj is memory for f in request)  # (a view of it, no copy)
