@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 from typing import Any
 
 import numpy as np
@@ -218,15 +219,29 @@ def test_rows_of_random_bytes_round_trip_through_the_placer(own_server: RedisSer
 
 class DribblingSocket:
     """A socket that hands out a reply ``piece`` bytes per call at most, as a slow sender or a signal would
-    cut a ``MSG_WAITALL`` receive short."""
+    cut a ``MSG_WAITALL`` receive short. It checks the rule that keeps a receive under ``SO_RCVLOWAT`` from
+    waiting forever: a receive that asks for ``n`` bytes while the mark is above 1 must leave at least the
+    mark's worth still to arrive after them (the kernel wakes a waiting receive when the bytes *queued* reach
+    the mark)."""
 
-    def __init__(self, data: bytes, piece: int) -> None:
-        self.data, self.at, self.piece = data, 0, piece
+    def __init__(self, data: bytes, piece: int, family: int = socket.AF_UNIX) -> None:
+        self.data, self.at, self.piece, self.family = data, 0, piece, family
+        self.lowat, self.marked_receives = 1, 0
 
-    def _take(self, n: int) -> bytes:
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        self.lowat = value
+
+    def _give(self, n: int) -> bytes:
         chunk = self.data[self.at : self.at + min(n, self.piece)]
         self.at += len(chunk)
         return chunk
+
+    def _take(self, n: int) -> bytes:
+        if self.lowat > 1:
+            assert len(self.data) - (self.at + n) >= self.lowat, "this receive could wait forever"
+            self.marked_receives += 1
+        return self._give(n)
 
     def recv(self, n: int) -> bytes:
         return self._take(n)
@@ -237,9 +252,12 @@ class DribblingSocket:
         return len(chunk)
 
     def recvmsg_into(self, buffers: list[memoryview], ancbufsize: int = 0, flags: int = 0) -> tuple[Any, ...]:
+        if self.lowat > 1:  # (what this receive asks for in all: MSG_WAITALL fills every buffer)
+            assert len(self.data) - (self.at + sum(len(b) for b in buffers)) >= self.lowat
+            self.marked_receives += 1
         got = 0
         for buffer in buffers:
-            chunk = self._take(len(buffer))
+            chunk = self._give(len(buffer))
             buffer[: len(chunk)] = chunk
             got += len(chunk)
             if len(chunk) < len(buffer):
@@ -247,17 +265,20 @@ class DribblingSocket:
         return got, [], 0, None
 
 
+@pytest.mark.parametrize("family", [socket.AF_UNIX, socket.AF_INET])
 @pytest.mark.parametrize("piece", [7, 4096, 70_000, 1 << 30])
-def test_the_scatter_receive_survives_short_reads(piece: int) -> None:
+def test_the_scatter_receive_survives_short_reads(piece: int, family: int) -> None:
     """The placed receive off a socket that returns a few bytes at a time (and whose first bytes the
-    reader buffered while parsing the array header): every payload whole again, every row in its column."""
+    reader buffered while parsing the array header): every payload whole again, every row in its column.
+    On TCP its 1.7 MB go under the wakeup mark, never asking for bytes the mark could wait for forever."""
     from pr_loader.store import wire
 
     samples = [{"blob": torch.arange(70_000 + 1, dtype=torch.int64) * i, "i": i} for i in range(3)]
     payloads = [codec.encode(s) for s in samples]
     reply = b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in payloads) + b"tail"
     total, offsets = wire._bulk_array(b" ".join(b"%d" % len(p) for p in payloads))
-    reader = wire._Reader(DribblingSocket(reply, piece))  # type: ignore[arg-type]
+    sock = DribblingSocket(reply, piece, family)
+    reader = wire._Reader(sock)  # type: ignore[arg-type]
     reader.peek()  # (buffers the reply's first bytes, as parsing the EXEC header before it does)
     placer = ColumnPlacer()
     rows = wire._slice_payloads(reader.exactly(total, offsets, placer), offsets)
@@ -267,3 +288,20 @@ def test_the_scatter_receive_survives_short_reads(piece: int) -> None:
     batch = collate_raw([ColumnPlacer.decode(row) for row in stored])
     assert_same(tud.default_collate(samples), batch)
     assert batch["blob"] is placer.placements[0].plan[1][0][0]
+    assert sock.lowat == 1 and (sock.marked_receives > 0) == (family == socket.AF_INET)
+
+
+@pytest.mark.parametrize("size", [(1 << 20) - 1, 1 << 20, (1 << 20) + 1, 3 << 20])
+@pytest.mark.parametrize("piece", [4096, 1 << 30])
+def test_a_big_unplaced_reply_under_the_wakeup_mark(size: int, piece: int) -> None:
+    """A reply received whole into one buffer (no placer) on TCP, at sizes around twice the mark: the mark
+    is raised only where a receive leaves that much to come, and is back at 1 after."""
+    from pr_loader.store import wire
+
+    reply = os.urandom(size) + b":1\r\n"
+    sock = DribblingSocket(reply, piece, socket.AF_INET)
+    reader = wire._Reader(sock)  # type: ignore[arg-type]
+    buffer, got = reader.exactly(size)
+    assert got == size and bytes(buffer[:size]) == reply[:size]
+    assert reader.value() == 1
+    assert sock.lowat == 1 and (sock.marked_receives > 0) == (size >= 2 * wire._WAKE_BYTES)

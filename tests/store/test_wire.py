@@ -6,6 +6,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -44,6 +45,8 @@ def test_claim_and_prefetch_payloads_arrive_in_one_buffer(own_server: RedisServe
     views = [row.buffer for row in claimed.rows]
     assert all(isinstance(v, memoryview) and v.readonly for v in views)
     assert len({id(v.obj) for v in views}) == 1  # (one buffer, no per-payload copy)
+    sock = thread_connection(client.connection_pool)._sock  # (TCP: the 4 MiB came under the mark)
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1  # (back at 1 for the next replies)
     sent = pickle.loads(pickle.dumps(claimed))  # (a worker process hands its claims over pickled)
     assert [r.payload for r in sent.rows] == payloads
     assert [r.ref_text for r in sent.rows] == [r.ref_text for r in claimed.rows]
