@@ -324,12 +324,12 @@ class _Reader:
 
 
 def _split(segments: list[memoryview], at: int) -> tuple[list[memoryview], list[memoryview]]:
-    """``segments`` cut after their first ``at`` bytes (``0 < at <`` their size)."""
+    """``segments`` cut after their first ``at`` bytes (all of them, and none after, if they hold no more)."""
     for index, segment in enumerate(segments):
         if at < segment.nbytes:
             return [*segments[:index], segment[:at]], [segment[at:], *segments[index + 1 :]]
         at -= segment.nbytes
-    raise ValueError("cut past the end of the segments")
+    return segments, []
 
 
 _PARSE_ERROR: Callable[[str], redis.exceptions.RedisError] = BaseParser.parse_error  # (redis-py's own)
