@@ -34,14 +34,12 @@ foreign input raises :class:`~pr_loader.errors.CodecError`.
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
-import mmap
 import pickle
 import struct
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -78,6 +76,7 @@ _UINT8 = np.dtype(np.uint8)
 _EMPTY = memoryview(b"")
 _VIEW_WARNING_SPENT = threading.Event()
 _VIEW_WARNING_LOCK = threading.Lock()
+_unpackb = msgpack.unpackb
 
 # Torch dtype codes (part of the format: never renumber). Newer dtypes are optional.
 _TORCH_DTYPE_NAMES = (
@@ -365,10 +364,16 @@ class RawTensor:
         raise NeedsTensor("indexing a tensor")
 
 
-@functools.lru_cache(maxsize=1024)
+_RECORDS: dict[bytes, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+_RECORDS_MAX = 1024
+
+
 def _tensor_record(data: bytes) -> tuple[torch.dtype, tuple[int, ...], int, int]:
     """The dtype, shape, raw offset and byte size of a checked tensor record (cached: the rows of a batch
     repeat the same few records, and parsing one costs about as much as the rest of a small row's decode)."""
+    record = _RECORDS.get(data)
+    if record is not None:
+        return record
     code, ndim, offset = _TENSOR_HEAD.unpack_from(data)
     dtype = _CODE_TO_TORCH.get(code)
     if dtype is None:
@@ -376,30 +381,65 @@ def _tensor_record(data: bytes) -> tuple[torch.dtype, tuple[int, ...], int, int]
     if len(data) != _TENSOR_HEAD.size + 8 * ndim:
         raise CodecError("corrupt payload: tensor record of the wrong size")
     shape = _shape(data, _TENSOR_HEAD.size, ndim)
-    return dtype, shape, offset, math.prod(shape) * _CODE_TO_ITEMSIZE[code]
+    record = dtype, shape, offset, math.prod(shape) * _CODE_TO_ITEMSIZE[code]
+    if len(_RECORDS) >= _RECORDS_MAX:  # (a dict's single operations are atomic: no lock between threads)
+        _RECORDS.clear()
+    _RECORDS[data] = record
+    return record
 
 
-class _Decoder:
-    """State of one ``decode`` call: the raw area, the nesting depth and what tensors become (private
-    copies, views of the payload, or :class:`RawTensor` records)."""
+class Decoder:
+    """Internal (also for :mod:`pr_loader.collate`): what one payload decodes with (the raw area, the
+    nesting depth, what tensors become: private copies, views of the payload, or :class:`RawTensor`
+    records), reused for the rows of a batch by :func:`row_decoder`."""
 
-    __slots__ = ("allow_pickle", "copy", "depth", "raw", "raw_nbytes", "raw_tensors", "records")
+    __slots__ = ("allow_pickle", "copy", "depth", "raw", "raw_nbytes", "raw_tensors", "records", "refused")
 
-    def __init__(self, raw: memoryview, allow_pickle: bool, copy: bool, raw_tensors: bool) -> None:
-        self.raw = raw
-        self.raw_nbytes = raw.nbytes
+    def __init__(self, allow_pickle: bool, copy: bool, raw_tensors: bool) -> None:
+        self.raw = _EMPTY
+        self.raw_nbytes = 0
         self.allow_pickle = allow_pickle
         self.copy = copy
         self.raw_tensors = raw_tensors
         self.depth = 0
-        self.records: list[tuple[int, RawTensor]] | None = None  # (decode_placeable: RawTensors by offset)
+        self.records: list[tuple[int, RawTensor]] | None = None  # (collate._placeable: RawTensors by offset)
+        self.refused = ~_KNOWN_FLAGS | (0 if allow_pickle else _FLAG_PICKLE)  # (flags skeleton_end refuses)
+
+    def decode(self, data: bytes | bytearray | memoryview) -> Any:
+        """One payload. A decoder is reused for the rows of a batch, one row after another (one thread)."""
+        try:
+            view = memoryview(data)
+            if view.ndim != 1 or view.format != "B" or not view.c_contiguous:
+                view = view.cast("B")
+        except (TypeError, ValueError) as exc:
+            raise CodecError(f"expected bytes, got {type(data).__name__}") from exc
+        size = len(view)
+        if size < _HEADER.size:
+            skeleton_end(view)  # (raises)
+        magic, version, flags, skeleton_len = _HEADER.unpack_from(view)
+        if magic != MAGIC or version != FORMAT_VERSION or flags & self.refused:
+            skeleton_end(view, self.allow_pickle)  # (raises the reason)
+        end = _HEADER.size + skeleton_len
+        if end > size:
+            raise CodecError(f"truncated payload: skeleton needs {end} bytes, {size} present")
+        self.raw = view[end:]
+        self.raw_nbytes = size - end
+        self.depth = 1
+        try:
+            return _unpackb(view[_HEADER.size : end], ext_hook=self.ext_hook, strict_map_key=False, raw=False)
+        except (CodecError, NeedsTensor):
+            raise
+        except Exception as exc:
+            raise CodecError(f"corrupt payload: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.depth = 0
 
     def unpack(self, data: bytes | memoryview) -> Any:
         if self.depth >= _MAX_DEPTH:
             raise CodecError(f"corrupt payload: nesting deeper than {_MAX_DEPTH} levels")
         self.depth += 1
         try:
-            return msgpack.unpackb(data, ext_hook=self.ext_hook, strict_map_key=False, raw=False)
+            return _unpackb(data, ext_hook=self.ext_hook, strict_map_key=False, raw=False)
         finally:
             self.depth -= 1
 
@@ -495,7 +535,7 @@ def decode(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False, 
     ``bytes`` for all Python knows) and are meant to be copied, e.g. by ``torch.stack``. numpy arrays
     are copied either way.
     """
-    return _decode(data, allow_pickle, copy, False)
+    return Decoder(allow_pickle, copy, False).decode(data)
 
 
 def decode_raw_tensors(data: bytes | bytearray | memoryview, *, allow_pickle: bool = False) -> Any:
@@ -503,10 +543,24 @@ def decode_raw_tensors(data: bytes | bytearray | memoryview, *, allow_pickle: bo
     :func:`decode` (same checks, same CodecErrors), but each tensor is a :class:`RawTensor`, its bytes still
     in ``data``. A sample with a tensor in a dict key decodes as ``decode`` does (a RawTensor is unhashable).
     """
-    try:
-        return _decode(data, allow_pickle, False, True)
-    except NeedsTensor:
-        return decode(data, allow_pickle=allow_pickle)
+    return row_decoder(allow_pickle=allow_pickle, raw_tensors=True)(data)
+
+
+def row_decoder(*, allow_pickle: bool = False, raw_tensors: bool = False) -> Callable[[Any], Any]:
+    """Internal: :func:`decode` (or, ``raw_tensors``, :func:`decode_raw_tensors`) for the rows of one batch,
+    called one row after another on one thread: the decoder's state is set up once, not per row (a third
+    of a small row's decode)."""
+    if not raw_tensors:
+        return Decoder(allow_pickle, True, False).decode
+    decode_raw = Decoder(allow_pickle, False, True).decode
+
+    def decode_row(data: bytes | bytearray | memoryview) -> Any:
+        try:
+            return decode_raw(data)
+        except NeedsTensor:
+            return decode(data, allow_pickle=allow_pickle)
+
+    return decode_row
 
 
 HEAD_SIZE = _HEADER.size  # the bytes of a payload that :func:`skeleton_end` reads
@@ -530,62 +584,3 @@ def skeleton_end(view: memoryview, allow_pickle: bool = False) -> int:
     if flags & _FLAG_PICKLE and not allow_pickle:
         raise CodecError(_PICKLE_REFUSED)
     return int(_HEADER.size + skeleton_len)
-
-
-def _decode(data: bytes | bytearray | memoryview, allow_pickle: bool, copy: bool, raw_tensors: bool) -> Any:
-    try:
-        view = memoryview(data).cast("B")
-    except (TypeError, ValueError) as exc:
-        raise CodecError(f"expected bytes, got {type(data).__name__}") from exc
-    end = skeleton_end(view, allow_pickle)
-    if end > len(view):
-        raise CodecError(f"truncated payload: skeleton needs {end} bytes, {len(view)} present")
-    decoder = _Decoder(view[end:], allow_pickle, copy, raw_tensors)
-    try:
-        return decoder.unpack(view[_HEADER.size : end])
-    except (CodecError, NeedsTensor):
-        raise
-    except Exception as exc:
-        raise CodecError(f"corrupt payload: {type(exc).__name__}: {exc}") from exc
-
-
-def decode_placeable(
-    head: memoryview, raw_nbytes: int, *, allow_pickle: bool = False
-) -> tuple[Any, list[tuple[int, RawTensor]]] | None:
-    """Internal, for :class:`pr_loader.collate.ColumnPlacer`: decode a payload from its header and skeleton
-    alone (``head``), before its raw area (``raw_nbytes``) is received. Returns the sample with its tensors
-    as RawTensors and those, by raw offset, when tensors tile the whole raw area (their ``data`` views a
-    stand-in: the caller points each at where it receives the tensor's bytes); None when anything else
-    lives there (a numpy array) or the sample needs real tensors. CodecError as :func:`decode`."""
-    end = skeleton_end(head, allow_pickle)
-    if end != len(head):
-        raise CodecError(f"truncated payload: skeleton needs {end} bytes, {len(head)} given")
-    decoder = _Decoder(_stand_in(raw_nbytes), allow_pickle, False, True)
-    decoder.records = []
-    try:
-        sample = decoder.unpack(head[_HEADER.size :])
-    except NeedsTensor:
-        return None
-    except CodecError:
-        raise
-    except Exception as exc:
-        raise CodecError(f"corrupt payload: {type(exc).__name__}: {exc}") from exc
-    records = sorted(decoder.records, key=lambda record: record[0])
-    covered = 0
-    for offset, record in records:
-        if offset != covered:
-            return None
-        covered += record.data.nbytes
-    return (sample, records) if covered == raw_nbytes else None
-
-
-_STAND_IN_LOCK = threading.Lock()
-_STAND_IN: list[memoryview] = [memoryview(b"")]
-
-
-def _stand_in(nbytes: int) -> memoryview:
-    """``nbytes`` of a read-only anonymous mapping, never written (untouched pages cost no memory)."""
-    with _STAND_IN_LOCK:
-        if _STAND_IN[0].nbytes < nbytes:
-            _STAND_IN[0] = memoryview(mmap.mmap(-1, max(nbytes, 2 * _STAND_IN[0].nbytes))).toreadonly()
-        return _STAND_IN[0][:nbytes]

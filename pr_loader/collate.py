@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -169,11 +171,39 @@ def _layout_of(records: list[tuple[int, RawTensor]]) -> Layout:
 def _placeable(
     head: memoryview, size: int, allow_pickle: bool
 ) -> tuple[Any, list[tuple[int, RawTensor]]] | None:
-    """``codec.decode_placeable`` of a payload of ``size`` bytes from its ``head``; None where it raises."""
+    """A payload of ``size`` bytes decoded from its header and skeleton alone (``head``), before its raw
+    area is received: the sample with its tensors as RawTensors, and those by raw offset, when tensors tile
+    the whole raw area (their ``data`` views a stand-in: the placer points each at where it receives the
+    tensor's bytes); None when anything else lives there (a numpy array), the sample needs real tensors, or
+    the head does not decode."""
+    raw_nbytes = size - len(head)
+    decoder = codec.Decoder(allow_pickle, False, True)
+    decoder.raw, decoder.raw_nbytes, decoder.records = _stand_in(raw_nbytes), raw_nbytes, []
     try:
-        return codec.decode_placeable(head, size - len(head), allow_pickle=allow_pickle)
-    except CodecError:
+        if codec.skeleton_end(head, allow_pickle) != len(head):
+            return None
+        sample = decoder.unpack(head[codec.HEAD_SIZE :])
+    except Exception:  # (CodecError, NeedsTensor, or whatever msgpack raises for a corrupt head)
         return None
+    records = sorted(decoder.records, key=lambda record: record[0])
+    covered = 0
+    for offset, record in records:
+        if offset != covered:
+            return None
+        covered += record.data.nbytes
+    return (sample, records) if covered == raw_nbytes else None
+
+
+_STAND_IN_LOCK = threading.Lock()
+_STAND_IN: list[memoryview] = [memoryview(b"")]
+
+
+def _stand_in(nbytes: int) -> memoryview:
+    """``nbytes`` of a read-only anonymous mapping, never written (untouched pages cost no memory)."""
+    with _STAND_IN_LOCK:
+        if _STAND_IN[0].nbytes < nbytes:
+            _STAND_IN[0] = memoryview(mmap.mmap(-1, max(nbytes, 2 * _STAND_IN[0].nbytes))).toreadonly()
+        return _STAND_IN[0][:nbytes]
 
 
 class ColumnPlacer:

@@ -436,12 +436,12 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             committed=self._wait_durable,
         )
 
-    def _row_decoder(self) -> Callable[..., Any]:
-        """How rows decode: tensors as :class:`codec.RawTensor` records for torch's ``default_collate``
-        (which :meth:`collate` copies once per column) and for linked views, else private tensors."""
+    def _row_decoder(self) -> Callable[[bytes | memoryview], Any]:
+        """How the rows of one step decode: tensors as :class:`codec.RawTensor` records for torch's
+        ``default_collate`` (which :meth:`collate` copies once per column) and for linked views, else
+        private tensors."""
         raw = self.linked or (self.auto_collation and self.collate_fn is tud.default_collate)
-        decoder: Callable[..., Any] = codec.decode_raw_tensors if raw else codec.decode
-        return decoder
+        return codec.row_decoder(allow_pickle=self.allow_pickle, raw_tensors=raw)
 
     def build_ahead(
         self, step: int, rows: list[StoredRow], samples: Mapping[str, Any]
@@ -461,7 +461,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
         decode_row = self._row_decoder()
         for row in rows:
             try:
-                out[row.ref_text] = decode_row(row.buffer, allow_pickle=self.allow_pickle)
+                out[row.ref_text] = decode_row(row.buffer)
             except CodecError:
                 continue
         return out
@@ -480,7 +480,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
                 if row.placed is not None:  # (its tensors were received into batch columns)
                     samples.append(ColumnPlacer.decode(row, self.allow_pickle))
                     continue
-                samples.append(decode_row(row.buffer, allow_pickle=self.allow_pickle))
+                samples.append(decode_row(row.buffer))
             except CodecError as exc:
                 logger.warning("step %d: dead-lettering row %s: %s", claimed.step, row.ref.encode(), exc)
                 self.shard().store.dead_letter(claimed.step, row.ref, f"undecodable payload: {exc}")

@@ -305,13 +305,11 @@ class LinkedDataProto(DataProto):
     ) -> list[tuple[RowRef, dict[str, Any]]]:
         session = self._require_session("decode")
         out = []
+        # (tensors stay RawTensor records until rows_to_dataproto stacks each column with one copy)
+        decode_row = codec.row_decoder(allow_pickle=session.allow_pickle, raw_tensors=True)
         for row in stored:
             try:
-                # (tensors stay RawTensor records until rows_to_dataproto stacks each column with one copy)
-                if ahead and row.ref_text in ahead:
-                    sample = ahead[row.ref_text]
-                else:
-                    sample = codec.decode_raw_tensors(row.buffer, allow_pickle=session.allow_pickle)
+                sample = ahead[row.ref_text] if ahead and row.ref_text in ahead else decode_row(row.buffer)
             except CodecError as exc:
                 reason = f"undecodable payload: {exc}"
             else:

@@ -575,3 +575,69 @@ def test_format_constants_are_stable() -> None:
     assert codec._CODE_TO_TORCH[1] is torch.bool and codec._CODE_TO_TORCH[6] is torch.int64
     assert codec._CODE_TO_TORCH[11] is torch.bfloat16 and codec._CODE_TO_TORCH[12] is torch.float32
     assert (codec._EXT_TUPLE, codec._EXT_TENSOR, codec._EXT_PICKLE) == (1, 2, 7)
+
+
+def _outcome(decode_one: Any, data: Any) -> tuple[str, Any]:
+    try:
+        return "ok", materialise(decode_one(data))
+    except CodecError as exc:
+        return "error", str(exc)
+
+
+@pytest.mark.parametrize("raw_tensors", [False, True], ids=["tensors", "raw"])
+def test_row_decoder_decodes_each_row_as_a_fresh_decode_does(raw_tensors: bool) -> None:
+    """One decoder reused over a batch: every row (good, corrupt, refused, decoded eagerly) comes out as a
+    decode of its own would give, and earlier rows' tensors stay intact while later rows decode."""
+    good = encode({"ids": torch.arange(6).view(2, 3), "p": "prompt", "i": 7})
+    buffer = memoryview(b"junk" + good + CORPUS[1] + b"tail")
+    corrupt = bytearray(good)
+    corrupt[len(good) // 2] ^= 0xFF
+    rows: list[Any] = [
+        good, good[:-3], buffer[4 : 4 + len(good)], bytes(corrupt), CORPUS[1], b"not a payload",
+        encode([Custom(1)], allow_pickle=True), encode({(1, torch.tensor(2)): torch.arange(3)}),
+        buffer[4 + len(good) : -4], memoryview(good)[::2], bytearray(CORPUS[0]), 42, good[:5], good,
+    ]  # fmt: skip
+    fresh = decode_raw_tensors if raw_tensors else decode
+    decode_row = codec.row_decoder(raw_tensors=raw_tensors)
+    outcomes = [_outcome(decode_row, row) for row in rows]
+    for row, (kind, value) in zip(rows, outcomes):
+        expected_kind, expected = _outcome(fresh, row)
+        assert kind == expected_kind, row
+        if kind == "ok":
+            assert_same(value, expected)
+        else:
+            assert value == expected
+    assert [kind for kind, _ in outcomes] == ["ok", "error", "ok", "error", "ok", "error", "error", "ok",
+                                              "ok", "error", "ok", "error", "error", "ok"]  # fmt: skip
+    kept = [decode_row(good) for _ in range(3)]  # (decoded before the next rows, read after them)
+    decode_row(CORPUS[1])
+    for sample in kept:
+        assert_same(materialise(sample)["ids"], torch.arange(6).view(2, 3))
+
+
+def test_row_decoder_takes_pickle_only_when_allowed() -> None:
+    payload = encode([Custom(1), torch.ones(2)], allow_pickle=True)
+    for raw_tensors in (False, True):
+        with pytest.raises(CodecError, match="pickled"):
+            codec.row_decoder(raw_tensors=raw_tensors)(payload)
+        out = materialise(codec.row_decoder(allow_pickle=True, raw_tensors=raw_tensors)(payload))
+        assert out[0] == Custom(1) and torch.equal(out[1], torch.ones(2))
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.sampled_from(CORPUS), st.integers(0, 10_000), st.integers(0, 255)), max_size=8))
+def test_property_row_decoder_matches_fresh_decodes(rows: list[tuple[bytes, int, int]]) -> None:
+    payloads = []
+    for payload, pos, byte in rows:
+        data = bytearray(payload)
+        data[pos % len(data)] = byte
+        payloads.append(bytes(data))
+    decode_row = codec.row_decoder(raw_tensors=True)
+    for data in payloads:
+        kind, value = _outcome(decode_row, data)
+        expected_kind, expected = _outcome(decode_raw_tensors, data)
+        assert kind == expected_kind
+        if kind == "ok":
+            assert_same(value, expected)
+        else:
+            assert value == expected
