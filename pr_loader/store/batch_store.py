@@ -1,7 +1,8 @@
 """BatchStore: the Redis data model of one rank shard of a run (see docs/architecture.md).
 
 Every multi-key change is one Lua script (:mod:`pr_loader.store.scripts`); this module validates arguments,
-builds refs, retries connection errors with the same op id and maps script replies to exceptions.
+builds refs and retries connection errors with the same op id (:mod:`pr_loader.store.replies` maps
+script replies to exceptions).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import msgpack
 import redis
@@ -23,7 +24,6 @@ from pr_loader.errors import (
     NeedsMaterialisation,
     NoStepReady,
     RollbackOutOfRange,
-    RowsNotInStep,
     RunNotFound,
     StepStateError,
     StoreAuthError,
@@ -43,6 +43,7 @@ from pr_loader.store.records import (
     StoredRow,
     StoreStats,
 )
+from pr_loader.store.replies import fail, raise_for, text
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,6 @@ def _held(step: int | None) -> str:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ConfigError(f"held must be a step number >= 0 or None, got {step!r}")
     return str(step)
-
-
-def _text(value: bytes) -> str:
-    return value.decode()
 
 
 class BatchStore:
@@ -105,7 +102,7 @@ class BatchStore:
             raise RunNotFound(f"run {config.run_id!r} rank {config.rank} not found at {store._address()}")
         if reply[0] == b"exists":
             raw = reply[1]
-            stored = {_text(raw[i]): _text(raw[i + 1]) for i in range(0, len(raw), 2)}
+            stored = {text(raw[i]): text(raw[i + 1]) for i in range(0, len(raw), 2)}
             store._check_meta(stored)
         return store
 
@@ -241,23 +238,6 @@ class BatchStore:
             logger.warning("SORT ... GET failed at %s (%s); reading payloads with MGET", self._address(),
                            error)
 
-    def _raise_for(self, reply: list[Any], step: int | None = None) -> None:
-        if reply[0] != b"ok":
-            self._fail(reply, step)
-
-    @staticmethod
-    def _fail(reply: list[Any], step: int | None = None) -> NoReturn:
-        status = reply[0]
-        detail: Any = reply[1] if len(reply) > 1 else b""
-        if status == b"state" or status == b"target":
-            raise StepStateError(_text(detail))
-        if status == b"lease_lost":
-            raise LeaseLost(_text(detail))
-        if status == b"missing":
-            refs = ", ".join(_text(r) for r in detail)
-            raise RowsNotInStep(f"rows not in step {step}: {refs}")
-        raise StoreError(f"unexpected store reply {status!r}")
-
     def _rows(
         self,
         raw_refs: list[bytes],
@@ -338,7 +318,7 @@ class BatchStore:
     def _log_expired(self, expired: list[bytes]) -> None:
         for step in expired:
             logger.warning("run %s rank %d: lease of step %s expired; its rows were returned",
-                           self._config.run_id, self._config.rank, _text(step))
+                           self._config.run_id, self._config.rank, text(step))
 
     # -- operations -------------------------------------------------------------------------------
 
@@ -421,13 +401,13 @@ class BatchStore:
         if status == b"done":
             self._log_expired(reply[1])
             return None
-        self._fail(reply)
+        fail(reply)
 
     def renew(self, step: int, consumer_id: str, lease_seconds: float, *, now: float | None = None) -> float:
         """Extend the lease of a step held by ``consumer_id``; returns the new expiry. LeaseLost if lost."""
         now_ = self._now(now)
         expiry = now_ + float(lease_seconds)
-        self._raise_for(self._script("RENEW", str(step), consumer_id, repr(now_), repr(expiry)), step)
+        raise_for(self._script("RENEW", str(step), consumer_id, repr(now_), repr(expiry)), step)
         return expiry
 
     def commit(
@@ -435,7 +415,7 @@ class BatchStore:
     ) -> None:
         """Commit a leased step (LeaseLost / StepStateError otherwise) and garbage-collect old steps."""
         reply = self._script("COMMIT", self._op(op_id), str(step), consumer_id, repr(self._now(now)))
-        self._raise_for(reply, step)
+        raise_for(reply, step)
 
     def postpone(
         self,
@@ -473,7 +453,7 @@ class BatchStore:
         if not new_refs:
             return []
         reply = self._staged_script("POSTPONE", self._op(op_id), payloads, *args)
-        self._raise_for(reply, step)
+        raise_for(reply, step)
         return new_refs
 
     def prefetch(
@@ -497,7 +477,7 @@ class BatchStore:
         reply, payloads = self._read_after("PREFETCH", self._op(op_id), str(step), consumer_id,
                                            repr(self._now(now)), str(count), str(last_source_step),
                                            _held(held))
-        self._raise_for(reply, step)
+        raise_for(reply, step)
         needs = int(reply[1])
         rows = self._rows(reply[2], (step, consumer_id), payloads)
         return PrefetchResult(rows, None if needs < 0 else needs)
@@ -519,7 +499,7 @@ class BatchStore:
                 f"cannot roll back run {self._config.run_id!r} to step {to_step}: "
                 f"allowed {int(reply[1])} .. {int(reply[2])}"
             )
-        self._raise_for(reply)
+        raise_for(reply)
 
     def dead_letter(self, step: int, ref: RowRef, reason: str, *, op_id: str | None = None) -> None:
         """Take ``ref`` out of in-flight ``step`` into the dead-letter list (kept with its payload)."""
@@ -529,7 +509,7 @@ class BatchStore:
             {"ref": encoded, "step": step, "reason": reason, "payload": payload or b"", "at": time.time()}
         )
         reply = self._script("DEAD_LETTER", self._op(op_id), str(step), encoded, record)
-        self._raise_for(reply, step)
+        raise_for(reply, step)
         logger.warning("run %s: row %s of step %d dead-lettered: %s", self._config.run_id, encoded, step,
                        reason)
 
