@@ -37,6 +37,7 @@ import ctypes
 import functools
 import math
 import pickle
+import re
 import struct
 import threading
 import warnings
@@ -72,6 +73,7 @@ _ARRAY_HEAD = struct.Struct("<BQ")  # ndim, offset into raw; then ndim u64 dims,
 _MAX_DEPTH = 32  # nesting of tuples / object arrays (each level is one msgpack call on the C stack)
 _MAX_NDIM = 64
 _MAX_DTYPE_STR = 32
+_DTYPE_STR = re.compile(rb"[<>|][biufcmMSU]\d+(?:\[\w+\])?")  # what numpy's dtype.str looks like
 _SMALL_COPY = 1 << 20  # decoded tensors below this size are copied into a bytearray, larger ones via numpy
 _UINT8 = np.dtype(np.uint8)
 _EMPTY = memoryview(b"")
@@ -483,6 +485,8 @@ class Decoder:
     def np_dtype(self, text: bytes, scalar: bool = False) -> np.dtype[Any]:
         if len(text) > _MAX_DTYPE_STR:
             raise CodecError("corrupt payload: numpy dtype string too long")
+        if not _DTYPE_STR.fullmatch(text):  # (before numpy parses it: an alias it deprecates would warn)
+            raise CodecError(f"corrupt payload: {text!r} is not a dtype string encode writes")
         dtype = np.dtype(text.decode("ascii"))
         problem = _np_dtype_problem(dtype, scalar)
         if problem is not None:

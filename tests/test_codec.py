@@ -460,6 +460,17 @@ def test_forged_dtypes_are_refused() -> None:
         decode(frame(msgpack.packb(msgpack.ExtType(99, b""))))
 
 
+def test_deprecated_dtype_aliases_are_refused_without_a_warning() -> None:
+    """A corrupt payload may spell a dtype numpy still parses with a DeprecationWarning ('a' for 'S'): it is
+    refused before numpy sees it (found by test_property_corruption)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in (b"a", b"a5", b"|a5", b"<i8 ", b"i8"):
+            record = struct.pack("<BQ", 1, 0) + struct.pack("<Q", 1) + dtype
+            with pytest.raises(CodecError, match="not a dtype string"):
+                decode(frame(msgpack.packb(msgpack.ExtType(3, record)), raw=b"\x00" * 8))
+
+
 def test_nesting_bombs() -> None:
     inner = msgpack.packb([])
     for _ in range(5000):
