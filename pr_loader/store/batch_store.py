@@ -182,7 +182,8 @@ class BatchStore:
     def _script(self, name: str, *args: str | bytes | int) -> list[Any]:
         script = self._scripts[name]
         argv = [self._keys.prefix, *args]
-        reply: list[Any] = self.retrying(lambda: script(keys=[self._keys.meta], args=argv))
+        keys = [self._keys.meta]
+        reply: list[Any] = self.retrying(lambda: wire.run_script(self._client, script, keys, argv))
         return reply
 
     def _read_after(

@@ -76,9 +76,9 @@ def test_big_uploads_are_split_into_several_msets(
     own_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(wire, "_MSET_BYTES", 3 * 10_000)  # (three payloads per MSET)
-    sent = _spy_sends(monkeypatch)
     client = own_server.client()
     store = BatchStore.open(client, make_config(batch_size=8, steps_per_epoch=2))
+    sent = _spy_sends(monkeypatch)  # (after the open, whose script goes out on the same socket)
     payloads = [bytes([i]) * 10_000 for i in range(8)]
     store.materialise(0, list(enumerate(payloads)))
     assert b"".join(sent[0]).count(b"MSET") == 3

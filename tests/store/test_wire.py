@@ -359,3 +359,23 @@ def test_error_replies_are_redis_pys_exceptions(reply: bytes, kind: type[Excepti
     for got in (wire._read_replies(Replies(), 1)[0], wire._Reader(Replies()).value()):  # type: ignore[arg-type]
         assert type(got) is kind
     assert issubclass(redis.exceptions.BusyLoadingError, redis.ConnectionError)
+
+
+def test_a_script_run_on_the_kept_socket_replies_as_through_redis_py(own_server: RedisServer) -> None:
+    """wire.run_script: the same reply as redis-py's Script call, its error replies as redis-py's exceptions,
+    a flushed script loaded again, and the connection in step after each."""
+    client = own_server.client()
+    echo = client.register_script("return {ARGV[1], tonumber(ARGV[2]), {KEYS[1]}, redis.status_reply('OK')}")
+    args = ["x y", 7]
+    expected = [b"x y", 7, [b"k"], b"OK"]
+    assert wire.run_script(client, echo, ["k"], args) == echo(keys=["k"], args=args) == expected
+    client.script_flush()  # (NOSCRIPT: loaded, then run again, within the call)
+    assert wire.run_script(client, echo, ["k"], args)[0] == b"x y"
+    failing = client.register_script("return redis.call('INCR', KEYS[1])")
+    client.set("text", "not a number")
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        wire.run_script(client, failing, ["text"], [])
+    assert wire.run_script(client, failing, ["n"], []) == 1  # (in step: the reply is this call's)
+    fake = fakeredis.FakeRedis()  # (not a plain socket: through redis-py)
+    assert wire.run_script(fake, fake.register_script("return ARGV[1]"), [], ["f"]) == b"f"
+    client.close()
