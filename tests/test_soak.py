@@ -221,6 +221,7 @@ def test_soak(soak_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFi
     payload_bound = live_steps * (BATCH + 3) * 2
     bounds = {
         "journal": live_steps,
+        "claimed": live_steps,
         "rows": live_steps,
         "batch": live_steps,
         "arrivals": live_steps,
@@ -244,7 +245,7 @@ def test_soak(soak_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFi
     # op results are kept (TTL one day) for retries: they must not grow with the number of steps either
     assert kinds["op"] <= live_steps * 4, f"{kinds['op']} op:<id> keys after {len(committed)} steps; {line}"
     # nothing may stay behind for a garbage-collected step (keys without a TTL would stay for ever)
-    per_step = ("batch", "arrivals", "rows", "journal", "opids")
+    per_step = ("batch", "arrivals", "rows", "journal", "claimed", "opids")
     orphans = sorted(
         key
         for kind in per_step

@@ -47,7 +47,9 @@ from pr_loader.store.replies import fail, raise_for, text
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = "1"
+# "2": a claim's journal entry holds the count of its arrivals alone, its refs are in claimed:<s> (an undo
+# of a schema-1 claim would find no refs there)
+SCHEMA = "2"
 _T = TypeVar("_T")
 _CHUNK = 1000
 
@@ -190,8 +192,8 @@ class BatchStore:
         self, name: str, op_id: str, *args: str, placer: wire.Placer | None = None
     ) -> tuple[list[Any], wire.Payloads | None]:
         """Run CLAIM or PREFETCH (last ARGV: the hand-over flag) and, where possible, read the payloads of the
-        refs it returns in the same round trip: ``SORT xfer:<op_id> BY nosort GET payload:*`` and a DEL of
-        the list go right behind the script (:mod:`pr_loader.store.wire`). Returns the reply and the
+        refs it returns in the same round trip: ``SORT xfer:<op_id> BY nosort ... GET payload:*`` and a DEL
+        of the list go right behind the script (:mod:`pr_loader.store.wire`). Returns the reply and the
         payloads, or None for "read them with MGET" (a cluster, or a server that refused the SORT: then
         never tried again)."""
         pattern = self._payload_pattern
@@ -221,9 +223,14 @@ class BatchStore:
         reply, payloads = self.retrying(run)
         if isinstance(payloads, Exception):  # read them with MGET (which reports a failing server itself)
             self._sort_refused(payloads)
-            if reply is None:
-                return self._script(name, op_id, *args, "0"), None
-            return list(reply), None
+            if sized and reply is not None:
+                return list(reply), None
+            # the script did not run, or its reply lacks the refs (the SORT returns them): the refs of a
+            # replay (the op id's stored result), the rest of the first reply (e.g. the leases it expired)
+            replayed = self._script(name, op_id, *args, "0")
+            if reply is not None and reply[0] == replayed[0] == b"ok":
+                replayed[:-1] = reply[:-1]
+            return replayed, None
         if reply[0] != b"ok" or payloads is None:
             return list(reply), None
         self._last_read[name] = sum(map(len, filter(None, payloads)))  # (b"" and None count nothing)

@@ -69,6 +69,10 @@ class ShardKeys:
     def journal(self, step: int) -> str:
         return f"{self.prefix}journal:{step}"
 
+    def claimed(self, step: int) -> str:
+        """The refs a claim of ``step`` took, in order (its journal entry holds their count alone)."""
+        return f"{self.prefix}claimed:{step}"
+
     def payload(self, ref: str) -> str:
         """The string key holding the (immutable) payload of one ref."""
         return f"{self.prefix}payload:{ref}"

@@ -454,24 +454,29 @@ def transact(
 
 
 def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern: str) -> SizedReply:
-    """The commands of :func:`transact` pipelined, without MULTI/EXEC, with hand-over flag ``'1'`` (refs as
-    a list, no sizes): on a plain socket (:func:`supports`) sent and parsed here with hiredis (redis-py's
-    ``Pipeline`` object costs 35-50 us per call on top), else through redis-py. The SORT's error is
-    returned, the others' are raised."""
+    """The commands of :func:`transact` pipelined, without MULTI/EXEC, with hand-over flag ``'1'``: the script
+    replies without its refs and the SORT returns them, each before its payload (``GET # GET pattern``); the
+    refs are put back in the script's reply, last. On a plain socket (:func:`supports`) sent and parsed here
+    with hiredis (redis-py's ``Pipeline`` object costs 35-50 us per call on top), else through redis-py. The
+    SORT's error is returned (the refs are then unknown), the others' are raised."""
     if hiredis is not None and supports(client):
-        commands = [("EVALSHA", sha, 1, *script_args), ("SORT", xfer, "BY", "nosort", "GET", pattern),
-                    ("DEL", xfer)]  # fmt: skip
-        script_reply, payloads, deleted = _exchange(client, functools.partial(_pipeline, commands))
+        sort = ("SORT", xfer, "BY", "nosort", "GET", "#", "GET", pattern)
+        commands = [("EVALSHA", sha, 1, *script_args), sort, ("DEL", xfer)]
+        script_reply, both, deleted = _exchange(client, functools.partial(_pipeline, commands))
     else:
         pipe = client.pipeline(transaction=False)
         pipe.evalsha(sha, 1, *script_args)
-        pipe.sort(xfer, by="nosort", get=pattern)
+        pipe.sort(xfer, by="nosort", get=["#", pattern])
         pipe.delete(xfer)
-        script_reply, payloads, deleted = pipe.execute(raise_on_error=False)
+        script_reply, both, deleted = pipe.execute(raise_on_error=False)
     for reply in (script_reply, deleted):
         if isinstance(reply, Exception):
             raise reply
-    return SizedReply(script_reply, payloads)
+    if isinstance(both, Exception):
+        return SizedReply(script_reply, both)
+    if script_reply[0] == b"ok":
+        script_reply[-1] = both[0::2]
+    return SizedReply(script_reply, both[1::2])
 
 
 def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:

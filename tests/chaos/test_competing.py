@@ -88,7 +88,7 @@ def test_competing_consumers_with_kills(chaos_server: RedisServer) -> None:
         assert report.ok, f"{report.describe()}; story {story}"
 
 
-PER_STEP_KINDS = ("batch", "arrivals", "rows", "journal", "opids")
+PER_STEP_KINDS = ("batch", "arrivals", "rows", "journal", "claimed", "opids")
 
 
 def keys_of_collected_steps(client: Any, prefix: str, floor: int) -> list[str]:

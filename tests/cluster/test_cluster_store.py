@@ -26,7 +26,7 @@ from tests.cluster import LocalCluster
 pytestmark = [pytest.mark.redis, pytest.mark.cluster]
 
 B, S, E = 4, 3, 2  # rows per step, steps per epoch, epochs
-LISTS = ("batch", "arrivals", "rows", "journal")
+LISTS = ("batch", "arrivals", "rows", "journal", "claimed")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

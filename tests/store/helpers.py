@@ -11,7 +11,7 @@ import redis
 
 from pr_loader.store import BatchStore, wire
 
-LIST_KINDS = ("batch", "arrivals", "rows", "journal")
+LIST_KINDS = ("batch", "arrivals", "rows", "journal", "claimed")
 
 
 def _s(value: bytes) -> str:

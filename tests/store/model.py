@@ -279,6 +279,9 @@ class Model:
         for s, entries in self.journal.items():
             if entries:
                 lists[f"journal:{s}"] = [_encode(e) for e in entries]
+            claims = [data[1] for _, kind, data in entries if kind == "C"]
+            if claims and claims[0]:
+                lists[f"claimed:{s}"] = list(claims[0])
         return {
             "lists": lists,
             "steps": dict(self.steps),
@@ -295,7 +298,9 @@ class Model:
 
 def _encode(entry: Entry) -> str:
     seq, kind, data = entry
-    if kind in ("C", "F"):
+    if kind == "C":  # (its refs: the list claimed:<s>)
+        words = [str(data[0])]
+    elif kind == "F":
         words = [str(data[0]), *data[1]]
     elif kind == "P":
         words = [str(data[0])] + [r for pair in data[1] for r in pair]

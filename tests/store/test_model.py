@@ -33,7 +33,8 @@ def store_dump(client: fakeredis.FakeRedis, store: BatchStore) -> dict[str, Any]
     """The shard's whole state in the shape of Model.dump() (two round trips: KEYS, then one pipeline)."""
     keys = store.keys
     everything = sorted(k.decode()[len(keys.prefix):] for k in client.keys(keys.scan_pattern()))
-    names = [n for n in everything if n.partition(":")[0] in ("batch", "arrivals", "rows", "journal")]
+    lists = ("batch", "arrivals", "rows", "journal", "claimed")
+    names = [n for n in everything if n.partition(":")[0] in lists]
     refs = [n.partition(":")[2] for n in everything if n.startswith("payload:")]
     assert not [n for n in everything if n.startswith("stage:")]  # every staged upload was adopted or dropped
     pipe = client.pipeline(transaction=False)
