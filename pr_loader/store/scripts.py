@@ -92,20 +92,19 @@ end
 -- by its exact size: pr_loader.store.wire), two strings: the refs joined by spaces and the byte sizes of
 -- their payloads joined by spaces (-1 for a missing payload).
 local function hand_over(flag, op_id, refs, replay, list)
+  if flag == '0' then return refs or redis.call('LRANGE', list, 0, -1) end
   local key = P .. 'xfer:' .. op_id
-  if replay and flag ~= '0' then redis.call('DEL', key) end
+  if replay then redis.call('DEL', key) end
+  if list then
+    redis.call('COPY', list, key)
+  elseif #refs > 0 then
+    push_all('RPUSH', key, refs)
+  end
   if flag == '1' then
-    if list then
-      redis.call('COPY', list, key)
-    elseif #refs > 0 then
-      push_all('RPUSH', key, refs)
-    end
     redis.call('PEXPIRE', key, 60000)
     return {}
   end
   refs = refs or redis.call('LRANGE', list, 0, -1)
-  if flag == '2' and #refs > 0 then push_all('RPUSH', key, refs) end
-  if flag ~= '2' then return refs end
   local sizes = {}
   for i = 1, #refs do
     local name = P .. 'payload:' .. refs[i]
