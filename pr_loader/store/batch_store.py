@@ -47,9 +47,7 @@ from pr_loader.store.replies import fail, raise_for, text
 
 logger = logging.getLogger(__name__)
 
-# "2": a claim's journal entry holds the count of its arrivals alone, its refs are in claimed:<s> (an undo
-# of a schema-1 claim would find no refs there)
-SCHEMA = "2"
+SCHEMA = "2"  # (2: a claim's refs are in claimed:<s>, not in its journal entry, where schema 1 had them)
 _T = TypeVar("_T")
 _CHUNK = 1000
 
@@ -225,8 +223,8 @@ class BatchStore:
             self._sort_refused(payloads)
             if sized and reply is not None:
                 return list(reply), None
-            # the script did not run, or its reply lacks the refs (the SORT returns them): the refs of a
-            # replay (the op id's stored result), the rest of the first reply (e.g. the leases it expired)
+            # no script run, or a reply without refs (the SORT has them): the refs of a replay (the op's
+            # stored result), the rest of the first reply (e.g. the leases it expired)
             replayed = self._script(name, op_id, *args, "0")
             if reply is not None and reply[0] == replayed[0] == b"ok":
                 replayed[:-1] = reply[:-1]
