@@ -36,9 +36,9 @@ The write side, on the same sockets: a staged upload (``MULTI`` / ``MSET`` stage
 goes out by scatter-gather ``sendmsg`` from the payloads' own buffers (:mod:`pr_loader.store.frames`:
 redis-py's packing of the payloads cost as much as the raw write it was compared with).
 
-The store's other script calls (commit, renew, ...) go over the same sockets too (:func:`run_script`): through
-redis-py's ``Script`` and pool, a commit took 0.74-0.78 ms against 1.11-1.35 ms (``bench_store``'s
-bookkeeping pass, measured).
+The store's other script calls (commit, renew, ...) go over the same sockets too (:func:`run_script`): a
+commit took 0.74-0.78 ms there against 1.11-1.35 ms through redis-py's ``Script`` and pool
+(``bench_store``'s bookkeeping pass, measured).
 
 All of them go over a connection each thread keeps for them (:mod:`pr_loader.store.kept`).
 """
@@ -481,8 +481,8 @@ def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern:
 
 def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
     """``script(keys=keys, args=args)``: on a plain socket (:func:`supports`) an EVALSHA on this thread's kept
-    connection, parsed with hiredis (the call through redis-py's ``Script`` and pool took 100-160 us more
-    per call, measured), loading the script first where the server lacks it. Error replies raise redis-py's
+    connection, parsed with hiredis (through redis-py's ``Script`` and pool a no-op script took 80-160 us
+    more per call, measured), loading the script first where the server lacks it. Error replies raise redis-py's
     exceptions, as the call through redis-py does."""
     if hiredis is None or not supports(client):
         return script(keys=keys, args=args)
