@@ -482,8 +482,8 @@ def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern:
 def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
     """``script(keys=keys, args=args)``: on a plain socket (:func:`supports`) an EVALSHA on this thread's kept
     connection, parsed with hiredis (through redis-py's ``Script`` and pool a no-op script took 80-160 us
-    more per call, measured), loading the script first where the server lacks it. Error replies raise redis-py's
-    exceptions, as the call through redis-py does."""
+    more per call, measured), loading the script first where the server lacks it. Error replies raise
+    redis-py's exceptions, as the call through redis-py does."""
     if hiredis is None or not supports(client):
         return script(keys=keys, args=args)
     call = functools.partial(_pipeline, [("EVALSHA", script.sha, len(keys), *keys, *args)])
