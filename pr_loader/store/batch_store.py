@@ -189,9 +189,10 @@ class BatchStore:
     def _read_after(
         self, name: str, op_id: str, *args: str, placer: wire.Placer | None = None
     ) -> tuple[list[Any], wire.Payloads | None]:
-        """Run CLAIM or PREFETCH (last ARGV: the hand-over flag) and, where possible, read the payloads of the
-        refs it returns in the same round trip: ``SORT xfer:<op_id> BY nosort ... GET payload:*`` and a DEL
-        of the list go right behind the script (:mod:`pr_loader.store.wire`). Returns the reply and the
+        """Run CLAIM, PREFETCH or READ_ROWS (last ARGV: the hand-over flag) and, where possible, read the
+        payloads of the refs it returns in the same round trip: ``SORT xfer:<op_id> BY nosort ... GET
+        payload:*`` and a DEL of the list go right behind the script (:mod:`pr_loader.store.wire`). Returns
+        the reply and the
         payloads, or None for "read them with MGET" (a cluster, or a server that refused the SORT: then
         never tried again)."""
         pattern = self._payload_pattern
@@ -533,8 +534,14 @@ class BatchStore:
         self, step: int, *, known: Mapping[str, bytes | memoryview] | None = None
     ) -> list[StoredRow]:
         """Current rows of a step (rows of a claimed step, else arrivals then fresh rows); read-only.
-        ``known``: payloads the caller already has, by ref (not read again; see :meth:`claim`)."""
-        return self._rows(self._script("READ_ROWS", str(step))[1], known=known)
+        ``known``: payloads the caller already has, by ref (not read again; see :meth:`claim`); without
+        them the payloads come with the refs, as a claim's do (:meth:`_read_after`)."""
+        op_id = os.urandom(16).hex()  # (names the hand-over list alone: nothing is stored under it)
+        if known:
+            reply, payloads = self._script("READ_ROWS", op_id, str(step), "0"), None
+        else:
+            reply, payloads = self._read_after("READ_ROWS", op_id, str(step))
+        return self._rows(reply[1], payloads=payloads, known=known)
 
     def stats(self) -> StoreStats:
         """Counts of upcoming rows, postponed rows not yet committed (waiting in a later step, or in a step

@@ -19,7 +19,7 @@ Conventions shared by all scripts:
   call uploads new payloads to ``stage:<op_id>:<i>`` keys first and its script adopts them by RENAME (or drops
   them), and readers MGET payload keys after the script returned the refs. Moving megabytes through Lua
   strings costs several times a plain MGET/SET; immutability makes the read after the script safe.
-  On a plain server a claim or prefetch saves that second round trip: its script also leaves the refs in
+  On a plain server a claim, prefetch or step read saves that second round trip: its script leaves the refs in
   ``xfer:<op_id>`` and the caller sends ``SORT xfer:<op_id> BY nosort ... GET payload:*`` (the payloads in
   list order, read by the server itself) and ``DEL xfer:<op_id>`` right behind the script: in one
   MULTI/EXEC with the script on a plain socket (the script then also returns the payload sizes, so that
@@ -601,10 +601,12 @@ op_store(ARGV[2], 'ok', k + 1)
 return {'ok', #all}
 """
 
-# READ_ROWS: the current refs of a step: rows:<s> once claimed, else arrivals then batch.
-# KEYS[1] meta; ARGV[1] prefix, ARGV[2] step. Returns {'ok', refs}.
+# READ_ROWS: the current refs of a step: rows:<s> once claimed, else arrivals then batch. Changes nothing
+# but the hand-over list, which the caller deletes in the same round trip (see hand_over).
+# KEYS[1] meta; ARGV[1] prefix, ARGV[2] op_id (names the hand-over list), ARGV[3] step, ARGV[4] the hand-over
+# flag (see CLAIM's ARGV[7]). Returns {'ok', refs (flag '1': none; '2': joined, then sizes)}.
 READ_ROWS = _LIB + r"""
-local s = ARGV[2]
+local s = ARGV[3]
 local refs
 if redis.call('HEXISTS', K_STEPS, s) == 1 then
   refs = redis.call('LRANGE', P .. 'rows:' .. s, 0, -1)
@@ -612,5 +614,5 @@ else
   refs = redis.call('LRANGE', P .. 'arrivals:' .. s, 0, -1)
   for _, r in ipairs(redis.call('LRANGE', P .. 'batch:' .. s, 0, -1)) do refs[#refs + 1] = r end
 end
-return {'ok', refs}
+return {'ok', hand_over(ARGV[4], ARGV[2], refs)}
 """

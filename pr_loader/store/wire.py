@@ -36,11 +36,8 @@ The write side, on the same sockets: a staged upload (``MULTI`` / ``MSET`` stage
 goes out by scatter-gather ``sendmsg`` from the payloads' own buffers (:mod:`pr_loader.store.frames`:
 redis-py's packing of the payloads cost as much as the raw write it was compared with).
 
-The store's other script calls (commit, renew, ...) go over the same sockets too (:func:`run_script`): a
-commit took 0.74-0.78 ms there against 1.11-1.35 ms through redis-py's ``Script`` and pool
-(``bench_store``'s bookkeeping pass, measured).
-
-All of them go over a connection each thread keeps for them (:mod:`pr_loader.store.kept`).
+The store's other script calls go over the same sockets (:func:`run_script`). All of them go over a
+connection each thread keeps for them (:mod:`pr_loader.store.kept`).
 """
 
 from __future__ import annotations
@@ -346,6 +343,12 @@ def _error(message: str) -> redis.exceptions.RedisError:
     return type(_PARSE_ERROR(message))(message)
 
 
+def _raised(error: BaseException) -> BaseException:
+    """A copy of an error reply read as a value, to raise: the value raised would be a cycle (its traceback
+    holds the frames whose locals hold it) that kept the callers' locals alive until the cyclic GC ran."""
+    return type(error)(*error.args)
+
+
 def _bulk_array(sizes_text: bytes) -> tuple[int, tuple[np.ndarray[Any, Any], ...]]:
     """For the space-separated payload sizes of a RESP2 array of bulk strings (none missing): its byte size
     and, per payload, the offsets of its ``$`` header, first byte and end."""
@@ -385,9 +388,9 @@ def _receive(reader: _Reader, placer: Placer | None) -> tuple[Any, Payloads | Ex
     first_error = next((r for r in queued if isinstance(r, Exception)), None)
     head = reader.array_header()  # (EXEC's reply, an array of the three replies: read one by one below)
     if first_error is not None:  # a command was refused at queueing: EXEC aborted
-        raise first_error
+        raise _raised(first_error)
     if isinstance(head, Exception):
-        raise head
+        raise _raised(head)
     if head != 3:
         raise redis.ConnectionError(f"EXEC replied with {head} replies, expected 3")
     script_reply = reader.value()
@@ -400,7 +403,7 @@ def _receive(reader: _Reader, placer: Placer | None) -> tuple[Any, Payloads | Ex
         sort_reply = reader.value()
         reader.value()  # (DEL)
         if isinstance(script_reply, Exception):
-            raise script_reply
+            raise _raised(script_reply)
         return script_reply, sort_reply if isinstance(sort_reply, list) else None
     sizes_text = script_reply.pop()
     script_reply[-1] = script_reply[-1].split(b" ") if script_reply[-1] else []
@@ -454,11 +457,10 @@ def transact(
 
 
 def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern: str) -> SizedReply:
-    """The commands of :func:`transact` pipelined, without MULTI/EXEC, with hand-over flag ``'1'``: the script
-    replies without its refs and the SORT returns them, each before its payload (``GET # GET pattern``); the
-    refs are put back in the script's reply, last. On a plain socket (:func:`supports`) sent and parsed here
-    with hiredis (redis-py's ``Pipeline`` object costs 35-50 us per call on top), else through redis-py. The
-    SORT's error is returned (the refs are then unknown), the others' are raised."""
+    """The commands of :func:`transact` pipelined, no MULTI/EXEC, hand-over flag ``'1'``: the SORT returns
+    the refs, each before its payload (``GET # GET pattern``), put back last in the script's reply. On a plain
+    socket (:func:`supports`) parsed here with hiredis (redis-py's ``Pipeline`` costs 35-50 us more per call),
+    else through redis-py. The SORT's error is returned (the refs are then unknown), the others' raised."""
     if hiredis is not None and supports(client):
         sort = ("SORT", xfer, "BY", "nosort", "GET", "#", "GET", pattern)
         commands = [("EVALSHA", sha, 1, *script_args), sort, ("DEL", xfer)]
@@ -471,7 +473,7 @@ def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern:
         script_reply, both, deleted = pipe.execute(raise_on_error=False)
     for reply in (script_reply, deleted):
         if isinstance(reply, Exception):
-            raise reply
+            raise _raised(reply)
     if isinstance(both, Exception):
         return SizedReply(script_reply, both)
     if script_reply[0] == b"ok":
@@ -480,10 +482,9 @@ def pipelined(client: Any, sha: str, script_args: list[Any], xfer: str, pattern:
 
 
 def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
-    """``script(keys=keys, args=args)``: on a plain socket (:func:`supports`) an EVALSHA on this thread's kept
-    connection, parsed with hiredis (through redis-py's ``Script`` and pool a no-op script took 80-160 us
-    more per call, measured), loading the script first where the server lacks it. Error replies raise
-    redis-py's exceptions, as the call through redis-py does."""
+    """``script(keys=keys, args=args)``, on a plain socket (:func:`supports`) on this thread's kept connection
+    (through redis-py's ``Script`` and pool a no-op script took 80-160 us more, measured), loading the script
+    where the server lacks it; error replies raise redis-py's exceptions, as through redis-py."""
     if hiredis is None or not supports(client):
         return script(keys=keys, args=args)
     call = functools.partial(_pipeline, [("EVALSHA", script.sha, len(keys), *keys, *args)])
@@ -492,7 +493,7 @@ def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) ->
         client.script_load(script.script)
         (reply,) = _exchange(client, call)
     if isinstance(reply, Exception):
-        raise reply
+        raise _raised(reply)
     return reply
 
 
@@ -528,9 +529,9 @@ def _receive_exec(reader: _Reader, queued: int) -> list[Any]:
     results = reader.value()  # (EXECABORT after a refusal)
     refused = next((r for r in replies if isinstance(r, Exception)), None)
     if refused is not None:
-        raise refused
+        raise _raised(refused)
     if isinstance(results, Exception):
-        raise results
+        raise _raised(results)
     return list(results)
 
 
@@ -574,7 +575,7 @@ def staged_in_transaction(
         *results, reply = pipe.execute(raise_on_error=False)
     for item in results:
         if isinstance(item, Exception):  # e.g. OOM: the script then found its stages missing
-            raise item
+            raise _raised(item)
     if isinstance(reply, redis.exceptions.NoScriptError):  # a restarted or flushed server
         expire = client.pipeline(transaction=False)
         for stage in names:  # (so that a crash right now cannot leave them forever)
@@ -582,7 +583,7 @@ def staged_in_transaction(
         expire.execute()
         return list(script(keys=[meta_key], args=[*argv, "1"]))  # (loads it, then runs it)
     if isinstance(reply, Exception):
-        raise reply
+        raise _raised(reply)
     return list(reply)
 
 

@@ -379,3 +379,53 @@ def test_a_script_run_on_the_kept_socket_replies_as_through_redis_py(own_server:
     fake = fakeredis.FakeRedis()  # (not a plain socket: through redis-py)
     assert wire.run_script(fake, fake.register_script("return ARGV[1]"), [], ["f"]) == b"f"
     client.close()
+
+
+def test_an_error_reply_keeps_no_caller_frame_alive(own_server: RedisServer) -> None:
+    """A claim that meets NOSCRIPT (a restarted server) leaves its callers' locals to refcounting: the error
+    reply raised inside is a copy, not the value held in a local (that was a cycle through its traceback)."""
+    import gc
+    import weakref
+
+    class Marker:
+        pass
+
+    client = own_server.client()
+    store = _store(client)
+    store.materialise(0, [(i, b"x%d" % i) for i in range(4)])
+    store.materialise(1, [(4 + i, b"y%d" % i) for i in range(4)])
+
+    def caller(sized: bool) -> weakref.ref[Marker]:
+        marker = Marker()
+        store._last_read["CLAIM"] = wire.ONE_PIECE if sized else 0  # (the transaction, or the pipeline)
+        client.script_flush()
+        assert store.claim("c", 60, now=0) is not None
+        return weakref.ref(marker)
+
+    gc.disable()
+    try:
+        assert caller(sized=True)() is None
+        assert caller(sized=False)() is None
+    finally:
+        gc.enable()
+    client.close()
+
+
+def test_read_rows_reads_payloads_with_their_refs_in_one_piece(own_server: RedisServer) -> None:
+    """A step read ahead without known payloads: refs and payloads in one round trip, the payloads views of
+    one buffer; with known ones, only the others are read (MGET); no hand-over list is left behind."""
+    client = own_server.client()
+    store = _store(client, batch_size=4)
+    payloads = [os.urandom(n) for n in (0, 5, 70_000, 3)]
+    store.materialise(0, list(enumerate(payloads)))
+    rows = store.read_rows(0)
+    assert [r.ref_text for r in rows] == [f"0:{i}:0:-" for i in range(4)]
+    assert [bytes(r.payload) for r in rows] == payloads
+    assert len({id(r.buffer.obj) for r in rows if isinstance(r.buffer, memoryview)}) == 1
+    known = {rows[0].ref_text: b"known"}
+    again = store.read_rows(0, known=known)
+    assert [bytes(r.payload) for r in again] == [b"known", *payloads[1:]]
+    store._last_read["READ_ROWS"] = 0  # (a small reply: the pipelined read, refs from the SORT)
+    assert [bytes(r.payload) for r in store.read_rows(0)] == payloads
+    assert client.keys(store.keys.prefix + "xfer:*") == []
+    client.close()
