@@ -192,9 +192,8 @@ class BatchStore:
         """Run CLAIM, PREFETCH or READ_ROWS (last ARGV: the hand-over flag) and, where possible, read the
         payloads of the refs it returns in the same round trip: ``SORT xfer:<op_id> BY nosort ... GET
         payload:*`` and a DEL of the list go right behind the script (:mod:`pr_loader.store.wire`). Returns
-        the reply and the
-        payloads, or None for "read them with MGET" (a cluster, or a server that refused the SORT: then
-        never tried again)."""
+        the reply and the payloads, or None for "read them with MGET" (a cluster, or a server that refused
+        the SORT: then never tried again)."""
         pattern = self._payload_pattern
         if pattern is None:
             return self._script(name, op_id, *args, "0"), None
@@ -536,7 +535,7 @@ class BatchStore:
         """Current rows of a step (rows of a claimed step, else arrivals then fresh rows); read-only.
         ``known``: payloads the caller already has, by ref (not read again; see :meth:`claim`); without
         them the payloads come with the refs, as a claim's do (:meth:`_read_after`)."""
-        op_id = os.urandom(16).hex()  # (names the hand-over list alone: nothing is stored under it)
+        op_id = self._op(None)  # (names the hand-over list alone: nothing is stored under it)
         if known:
             reply, payloads = self._script("READ_ROWS", op_id, str(step), "0"), None
         else:
