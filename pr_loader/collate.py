@@ -60,16 +60,22 @@ def materialise(obj: Any, copy: bool = True) -> Any:
     if kind in _ATOMS:
         return obj
     if kind is dict:
+        if _ATOMS.issuperset(map(type, obj.values())):  # (the common case, checked in C: no call per item)
+            return obj
         values = [materialise(value, copy) for value in obj.values()]
         if all(new is old for new, old in zip(values, obj.values())):
             return obj
         return dict(zip(obj, values))
     if kind is list or kind is tuple:
+        if _ATOMS.issuperset(map(type, obj)):
+            return obj
         items = [materialise(item, copy) for item in obj]
         if all(new is old for new, old in zip(items, obj)):
             return obj
         return items if kind is list else tuple(items)
     if kind is np.ndarray and obj.dtype.hasobject:
+        if _ATOMS.issuperset(map(type, obj.flat)):
+            return obj
         items = [materialise(item, copy) for item in obj.flat]
         if all(new is old for new, old in zip(items, obj.flat)):
             return obj
@@ -131,7 +137,7 @@ def _with_tensors(handler: Callable[..., Any]) -> Callable[..., Any]:
     """``handler`` (of torch's map), given the column with its RawTensors made private tensors."""
 
     def wrapped(batch: list[Any], *, collate_fn_map: CollateFnMap | None = None) -> Any:
-        if not all(type(item) in _ATOMS for item in batch):  # (a cheap first look: str / int columns)
+        if not _ATOMS.issuperset(map(type, batch)):  # (a cheap first look, in C: str / int columns)
             batch = materialise(batch)
         return handler(batch, collate_fn_map=collate_fn_map)
 

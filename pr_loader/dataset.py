@@ -434,6 +434,7 @@ class RedisBatchDataset(tud.IterableDataset[Any]):
             materialise=self.materialise,
             allow_pickle=self.allow_pickle,
             committed=self._wait_durable,
+            batch_memory=self.batch_memory,
         )
 
     def _row_decoder(self) -> Callable[[bytes | memoryview], Any]:

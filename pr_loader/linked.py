@@ -24,7 +24,8 @@ from typing import Any
 
 from tensordict import TensorDictBase
 
-from pr_loader import codec
+from pr_loader import batch_memory, codec
+from pr_loader.batch_memory import BatchMemory
 from pr_loader.errors import (
     CodecError,
     ConfigError,
@@ -43,6 +44,7 @@ from pr_loader.rows import (
     FIELD_SAMPLE_ID,
     FIELD_TIMES_POSTPONED,
     RESERVED_FIELDS,
+    appended,
     dataproto_row,
     rows_to_dataproto,
 )
@@ -59,7 +61,7 @@ MaterialiseFn = Callable[[int], object]
 
 def _is_row(sample: Any) -> bool:
     """Whether a decoded payload can be a row of a view: a dict with str keys (else it is dead-lettered)."""
-    return isinstance(sample, dict) and all(isinstance(key, str) for key in sample)
+    return isinstance(sample, dict) and all(map(str.__instancecheck__, sample))  # (isinstance per key, in C)
 
 
 @dataclass
@@ -74,7 +76,8 @@ class StepSession:
     again), ``committed`` after a commit through the view went through (the loader waits for its fsync
     there). ``hold`` (the loader's, when it claims the next step ahead) is entered around each postpone and
     prefetch and gives the step held ahead, which the store call names so that it is given back first
-    (``BatchStore.postpone``'s ``held``).
+    (``BatchStore.postpone``'s ``held``). ``batch_memory`` (the loader's) makes the tensors of rows added to
+    a view (a prefetch), as it makes the loader's batches.
     """
 
     store: BatchStore
@@ -90,6 +93,7 @@ class StepSession:
     rows_moved: Callable[[], None] | None = None
     committed: Callable[[], None] | None = None
     hold: Callable[[], AbstractContextManager[int | None]] | None = None
+    batch_memory: BatchMemory | None = None
     layout: RunLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -336,10 +340,16 @@ class LinkedDataProto(DataProto):
             row[FIELD_FIRST_STEP] = self.step if ref.first_step is None else ref.first_step
             self._refs[ref.key()] = ref
             new_rows.append(row)
+        memory = None if self._session is None else self._session.batch_memory
         if new_rows:
-            old_rows = [dataproto_row(self, i) for i in range(len(self))]
-            merged = rows_to_dataproto(DataProto, old_rows + new_rows, raw_tensors=True)
-            self.batch, self.non_tensor_batch = merged.batch, merged.non_tensor_batch
+            with contextlib.nullcontext() if memory is None else batch_memory.using(memory):
+                more = rows_to_dataproto(DataProto, new_rows, raw_tensors=True)
+                parts = appended(self, more) if len(self) else (more.batch, more.non_tensor_batch)
+                if parts is None:  # (a key changes kind, e.g. a tensor in every row at last: row by row)
+                    old_rows = [dataproto_row(self, i) for i in range(len(self))]
+                    merged = rows_to_dataproto(DataProto, old_rows + new_rows, raw_tensors=True)
+                    parts = merged.batch, merged.non_tensor_batch
+            self.batch, self.non_tensor_batch = parts
         self._next_loaded = False
         return new_rows
 

@@ -188,10 +188,7 @@ def _merge_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]
 
 def object_array(values: Sequence[Any]) -> NDArray:
     """A 1-D object array holding ``values`` as they are (lists and arrays are not turned into dims)."""
-    out = np.empty(len(values), dtype=object)
-    for i, val in enumerate(values):
-        out[i] = val
-    return out
+    return np.fromiter(values, dtype=object, count=len(values))  # (an item per element, never a dim)
 
 
 def normalize_index(idxs: Any, length: int) -> NDArray:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from pr_loader import batch_memory
 from pr_loader.collate import materialise, stack_raw, uniform_raw
 from pr_loader.errors import DataProtoError
 from pr_loader.protocol import DataProto
@@ -28,6 +29,7 @@ __all__ = [
     "FIELD_SAMPLE_ID",
     "FIELD_TIMES_POSTPONED",
     "RESERVED_FIELDS",
+    "appended",
     "dataproto_row",
     "rows_to_dataproto",
 ]
@@ -81,10 +83,10 @@ def rows_to_dataproto(
     for position, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise DataProtoError(f"row {position} must be a dict, got {type(row).__name__}")
-        for key in row:
-            if not isinstance(key, str):
-                raise DataProtoError(f"row {position} has a non-str key {key!r}; row keys must be str")
-            keys.setdefault(key)
+        if not all(map(str.__instancecheck__, row)):  # (isinstance(key, str) per key, in C)
+            key = next(key for key in row if not isinstance(key, str))
+            raise DataProtoError(f"row {position} has a non-str key {key!r}; row keys must be str")
+        keys.update(dict.fromkeys(row))
     tensors: dict[str, torch.Tensor] = {}
     columns: dict[str, NDArray] = {}
     for key in keys:
@@ -102,6 +104,55 @@ def rows_to_dataproto(
     if tensors or (rows and not columns):  # keep the row count even when rows hold no keys
         batch = TensorDict(tensors, batch_size=[len(rows)])
     return cls._from_parts(batch, columns, dict(meta_info or {}))
+
+
+def appended(dp: DataProto, more: DataProto) -> tuple[TensorDictBase | None, dict[str, NDArray]] | None:
+    """The batch and non-tensor columns of ``rows_to_dataproto`` over the rows of ``dp`` then those of
+    ``more``, made by concatenating their columns (no per-row work: a prefetch of 16 rows into a 256-row view
+    took 25-30 ms of CPU assembled row by row, measured), or None where a key is a tensor column on one side
+    and not the other, or differs in dtype, row shape or device, or a column is not a 1-D object array (the
+    caller then assembles the rows). Unlike row by row, a non-tensor column keeps its place and stays when
+    all its values are None."""
+    old: dict[str, Any] = {} if dp.batch is None else dict(dp.batch.items())
+    new: dict[str, Any] = {} if more.batch is None else dict(more.batch.items())
+    if old.keys() != new.keys() or not (old or dp.non_tensor_batch or more.non_tensor_batch):
+        return None
+    for key, tensor in old.items():
+        other = new[key]
+        if not (
+            type(tensor) is type(other) is torch.Tensor
+            and tensor.layout is other.layout is torch.strided
+            and tensor.dtype == other.dtype
+            and tensor.shape[1:] == other.shape[1:]
+            and tensor.device == other.device
+        ):
+            return None
+    columns = {**dict.fromkeys(dp.non_tensor_batch), **dict.fromkeys(more.non_tensor_batch)}
+    for part in (dp.non_tensor_batch, more.non_tensor_batch):
+        if any(column.dtype != object or column.ndim != 1 for column in part.values()):
+            return None
+    sizes = len(dp), len(more)
+    merged: dict[str, NDArray] = {}
+    for key in columns:
+        pieces = [
+            part.non_tensor_batch[key] if key in part.non_tensor_batch else np.full(size, None, dtype=object)
+            for part, size in zip((dp, more), sizes)
+        ]
+        merged[key] = np.concatenate(pieces)
+    batch = None
+    if old:
+        tensors = {key: _cat(tensor, new[key]) for key, tensor in old.items()}
+        batch = TensorDict(tensors, batch_size=[sum(sizes)])
+    return batch, merged
+
+
+def _cat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """``torch.cat``, into a tensor of the current batch memory (:func:`batch_memory.empty`) on the CPU: a
+    fresh 2 MiB tensor costs its page faults, 3-4 ms of a prefetch per column on a 2-core VM (measured)."""
+    if first.device.type != "cpu":
+        return torch.cat([first, second])
+    out = batch_memory.empty((len(first) + len(second), *first.shape[1:]), first.dtype)
+    return torch.cat([first, second], out=out)
 
 
 def dataproto_row(dp: DataProto, i: int) -> dict[str, Any]:

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pr_loader import codec
+from pr_loader import batch_memory, codec
+from pr_loader.batch_memory import BatchMemory
 from pr_loader.codec import RawTensor
 from pr_loader.errors import DataProtoError
 from pr_loader.protocol import DataProto
-from pr_loader.rows import RESERVED_FIELDS, dataproto_row, rows_to_dataproto
+from pr_loader.rows import RESERVED_FIELDS, appended, dataproto_row, rows_to_dataproto
 
 
 class MyProto(DataProto):
@@ -231,3 +232,53 @@ def test_raw_tensor_rows_beside_tensor_rows() -> None:
     rows = [{"ids": torch.arange(4) + i, "text": str(i)} for i in range(6)]
     raw = [codec.decode_raw_tensors(codec.encode(row)) for row in rows[3:]]
     _same(rows_to_dataproto(DataProto, rows[:3] + raw, raw_tensors=True), rows_to_dataproto(DataProto, rows))
+
+
+def _assembled(first: list[dict[str, Any]], more: list[dict[str, Any]]) -> tuple[DataProto, DataProto]:
+    return rows_to_dataproto(DataProto, first), rows_to_dataproto(DataProto, more)
+
+
+def test_appended_columns_equal_the_rows_assembled_one_after_the_other() -> None:
+    """What a prefetch does to a view: its columns and the new rows' concatenated, as assembling every row
+    again gives (keys missing on one side are None there), in the batch memory current."""
+    rows = _rl_rows()
+    rows[0]["partial"] = "half"  # (a postponed row first, as PostponeToNext delivers them)
+    rows[12]["late"] = [1, 2]  # (a key only the new rows have)
+    dp, more = _assembled(rows[:10], rows[10:])
+    memory = BatchMemory(min_bytes=1)
+    with batch_memory.using(memory):
+        parts = appended(dp, more)
+    assert parts is not None
+    _same(DataProto(batch=parts[0], non_tensor_batch=parts[1]), rows_to_dataproto(DataProto, rows))
+    assert len(memory) == 2  # (ids and mask were made by the pool)
+    texts = [{"text": str(i)} for i in range(4)]  # (no tensors at all: no batch either way)
+    parts = appended(*_assembled(texts[:1], texts[1:]))
+    assert parts is not None and parts[0] is None
+    _same(DataProto(batch=None, non_tensor_batch=parts[1]), rows_to_dataproto(DataProto, texts))
+
+
+@pytest.mark.parametrize(
+    ("first", "more"),
+    [
+        pytest.param(
+            [{"a": torch.ones(2)}], [{"a": torch.ones(2), "b": torch.ones(1)}], id="tensor-key-on-one-side"
+        ),
+        pytest.param([{"a": torch.ones(2)}], [{"a": torch.ones(2, dtype=torch.int64)}], id="dtype"),
+        pytest.param([{"a": torch.ones(2)}], [{"a": torch.ones(3)}], id="row-shape"),
+        pytest.param([{"a": torch.ones(2)}], [{"a": "not a tensor"}], id="tensor-then-object"),
+        pytest.param([{"a": torch.ones(2)}, {}], [{"a": torch.ones(2)}], id="object-then-tensor"),
+        pytest.param([{}], [{}], id="keyless-rows"),
+    ],
+)
+def test_appended_leaves_keys_that_change_kind_to_the_rows(first: list[Any], more: list[Any]) -> None:
+    """Where concatenation would not give what assembling the rows gives, it declines."""
+    assert appended(*_assembled(first, more)) is None
+
+
+def test_appended_keeps_a_column_of_none_and_declines_typed_columns() -> None:
+    dp, more = _assembled([{"t": "x", "p": "half"}, {"t": "y"}], [{"t": "z"}])
+    dp = dp.select_idxs([1])  # (the one row with "p" left: the column holds None alone)
+    parts = appended(dp, more)
+    assert parts is not None and parts[1]["p"].tolist() == [None, None]  # (assembled row by row, it goes)
+    dp.non_tensor_batch["t"] = np.array(["y"])  # (a str column, not an object one)
+    assert appended(dp, more) is None
