@@ -47,6 +47,7 @@ from pr_loader.rows import (
     appended,
     dataproto_row,
     rows_to_dataproto,
+    taken,
 )
 from pr_loader.store import BatchStore, ClaimedStep, PrefetchResult, RowRef, StoredRow
 
@@ -340,9 +341,8 @@ class LinkedDataProto(DataProto):
             row[FIELD_FIRST_STEP] = self.step if ref.first_step is None else ref.first_step
             self._refs[ref.key()] = ref
             new_rows.append(row)
-        memory = None if self._session is None else self._session.batch_memory
         if new_rows:
-            with contextlib.nullcontext() if memory is None else batch_memory.using(memory):
+            with self._batch_memory():
                 more = rows_to_dataproto(DataProto, new_rows, raw_tensors=True)
                 parts = appended(self, more) if len(self) else (more.batch, more.non_tensor_batch)
                 if parts is None:  # (a key changes kind, e.g. a tensor in every row at last: row by row)
@@ -352,6 +352,11 @@ class LinkedDataProto(DataProto):
             self.batch, self.non_tensor_batch = parts
         self._next_loaded = False
         return new_rows
+
+    def _batch_memory(self) -> AbstractContextManager[None]:
+        """Where this view's new tensors are made: its session's batch memory (the loader's), if any."""
+        memory = None if self._session is None else self._session.batch_memory
+        return contextlib.nullcontext() if memory is None else batch_memory.using(memory)
 
     # ----------------------------------------------------------------- row state
     @property
@@ -501,8 +506,8 @@ class LinkedDataProto(DataProto):
         target = session.postpone(moves, target)
         leaving = set(ids)
         keep = [i for i, sid in enumerate(self.sample_ids()) if sid not in leaving]
-        kept = self.select_idxs(keep)
-        self.batch, self.non_tensor_batch = kept.batch, kept.non_tensor_batch
+        with self._batch_memory():
+            self.batch, self.non_tensor_batch = taken(self, keep)
         for sid in ids:
             del self._refs[sid]
         self._finished -= leaving

@@ -32,6 +32,7 @@ __all__ = [
     "appended",
     "dataproto_row",
     "rows_to_dataproto",
+    "taken",
 ]
 
 FIELD_SAMPLE_ID = "prl_sample_id"  # str "<epoch>:<index>", stable across postpones
@@ -144,6 +145,29 @@ def appended(dp: DataProto, more: DataProto) -> tuple[TensorDictBase | None, dic
         tensors = {key: _cat(tensor, new[key]) for key, tensor in old.items()}
         batch = TensorDict(tensors, batch_size=[sum(sizes)])
     return batch, merged
+
+
+def taken(dp: DataProto, positions: list[int]) -> tuple[TensorDictBase | None, dict[str, NDArray]]:
+    """The batch and non-tensor columns of ``dp.select_idxs(positions)``, its CPU tensors made in the current
+    batch memory (:func:`batch_memory.empty`): what a postpone leaves of a view, where fresh tensors cost a
+    256-row view's postpone 3-4 ms of page faults per 2 MiB column on a 2-core VM (measured)."""
+    index = torch.tensor(positions, dtype=torch.int64)
+    batch = dp.batch
+    if batch is not None:
+        tensors: dict[str, Any] = dict(batch.items())
+        if all(_plain_cpu(tensor) for tensor in tensors.values()):
+            picked = {}
+            for key, tensor in tensors.items():
+                out = batch_memory.empty((len(positions), *tensor.shape[1:]), tensor.dtype)
+                picked[key] = torch.index_select(tensor, 0, index, out=out)
+            batch = TensorDict(picked, batch_size=[len(positions)], device=batch.device)
+        else:
+            batch = batch[index.to(batch.device) if batch.device is not None else index]
+    return batch, {key: column[positions] for key, column in dp.non_tensor_batch.items()}
+
+
+def _plain_cpu(value: Any) -> bool:
+    return type(value) is torch.Tensor and value.layout is torch.strided and value.device.type == "cpu"
 
 
 def _cat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

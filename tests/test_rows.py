@@ -11,7 +11,7 @@ from pr_loader.batch_memory import BatchMemory
 from pr_loader.codec import RawTensor
 from pr_loader.errors import DataProtoError
 from pr_loader.protocol import DataProto
-from pr_loader.rows import RESERVED_FIELDS, appended, dataproto_row, rows_to_dataproto
+from pr_loader.rows import RESERVED_FIELDS, appended, dataproto_row, rows_to_dataproto, taken
 
 
 class MyProto(DataProto):
@@ -282,3 +282,15 @@ def test_appended_keeps_a_column_of_none_and_declines_typed_columns() -> None:
     assert parts is not None and parts[1]["p"].tolist() == [None, None]  # (assembled row by row, it goes)
     dp.non_tensor_batch["t"] = np.array(["y"])  # (a str column, not an object one)
     assert appended(dp, more) is None
+
+
+@pytest.mark.parametrize("positions", [[0, 3, 4, 15], [], list(range(16))])
+def test_taken_equals_select_idxs_in_the_batch_memory(positions: list[int]) -> None:
+    """What a postpone leaves of a view: select_idxs's rows, with tensors the batch memory made."""
+    rows = [{**row, "p": None if i % 2 else "x"} for i, row in enumerate(_rl_rows())]
+    dp = rows_to_dataproto(DataProto, rows)
+    memory = BatchMemory(min_bytes=1)
+    with batch_memory.using(memory):
+        batch, columns = taken(dp, positions)
+    _same(DataProto(batch=batch, non_tensor_batch=columns), dp.select_idxs(positions))
+    assert len(memory) == (2 if positions else 0)  # (ids and mask; an empty tensor is never pooled)
