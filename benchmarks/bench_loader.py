@@ -280,6 +280,60 @@ def bench_prefetch_partial(
     }
 
 
+def bench_view_moves(url: str, data: list[dict[str, Any]], epochs: int) -> dict[str, str]:
+    """Partial rollout's two moves through a linked view of 256 RL rows (``PostponeToNext``): a prefetch of
+    16 rows and a postpone of 8 (with a partial output), p50 over the steps, each beside the raw redis-py cost
+    of moving the same bytes (LPOP of 16 payloads, RPUSH of 8), taking turns. A move also keeps the view in
+    step (rows join or leave its columns) and gives the step claimed ahead back; the loader then reads and
+    claims that step again on its thread, so each move waits 30 ms for that to settle before it is timed."""
+    import numpy as np
+    import redis
+
+    from pr_loader import PostponeToNext, codec
+
+    loader = DataLoader(
+        data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(3), redis_url=url,
+        linked=True, policy=PostponeToNext(),
+    )  # fmt: skip
+    for _ in range(epochs + 1):  # (prefetches reach into the next epoch's first step)
+        materialise_next_epoch(loader)
+    client = redis.Redis.from_url(url)
+    payloads = [codec.encode(sample) for sample in data[:16]]
+    times: dict[str, list[float]] = {"prefetch": [], "postpone": [], "raw prefetch": [], "raw postpone": []}
+    for _ in range(epochs):
+        for view in loader:
+            client.delete("bench:moves")
+            client.rpush("bench:moves", *payloads)
+            time.sleep(0.03)
+            t0 = time.perf_counter()
+            client.lpop("bench:moves", 16)
+            t1 = time.perf_counter()
+            view.prefetch_samples(16)
+            t2 = time.perf_counter()
+            times["raw prefetch"].append(t1 - t0)
+            times["prefetch"].append(t2 - t1)
+            unfinished = view.select_idxs(list(range(0, 64, 8)))
+            unfinished.non_tensor_batch["partial_response"] = np.array(["..."] * 8, dtype=object)
+            time.sleep(0.03)
+            t0 = time.perf_counter()
+            view.postpone_samples(unfinished)
+            t1 = time.perf_counter()
+            client.rpush("bench:moves", *payloads[:8])
+            t2 = time.perf_counter()
+            times["postpone"].append(t1 - t0)
+            times["raw postpone"].append(t2 - t1)
+            del view, unfinished
+    loader.close()
+    client.delete("bench:moves")
+    out = {}
+    for move, what in (("prefetch", "prefetch_samples(16)"), ("postpone", "postpone_samples(8)")):
+        ours, raw = statistics.median(times[move]), statistics.median(times["raw " + move])
+        out[f"(a) {what} of a 256-row linked view, p50 (raw redis-py moving the same bytes)"] = (
+            f"{ms(ours)} ({ms(raw)}: {ours / raw:.1f}x)"
+        )
+    return out
+
+
 def bench_data_path(url: str, data: list[dict[str, Any]], epochs: int) -> dict[str, str]:
     """(b) fetch + decode + collate per step against raw LRANGE of the same payload bytes.
 
@@ -551,6 +605,7 @@ def main() -> None:
             rows.update(bench_prefetch(url, data, epochs, materialised=True, pin_memory=True))
         rows.update(bench_prefetch_partial(url, data, epochs))
         rows.update(bench_prefetch_partial(url, data, epochs, commit=True))
+        rows.update(bench_view_moves(url, data, epochs))
         rows.update(bench_data_path(url, data, epochs))
         rows.update(bench_big(url, epochs))
         rows.update(bench_resume(url, [0.5] if args.quick else [0.1, 0.5, 0.9]))
