@@ -77,8 +77,8 @@ class StepSession:
     again), ``committed`` after a commit through the view went through (the loader waits for its fsync
     there). ``hold`` (the loader's, when it claims the next step ahead) is entered around each postpone and
     prefetch and gives the step held ahead, which the store call names so that it is given back first
-    (``BatchStore.postpone``'s ``held``). ``batch_memory`` (the loader's) makes the tensors of rows added to
-    a view (a prefetch), as it makes the loader's batches.
+    (``BatchStore.postpone``'s ``held``). ``batch_memory`` (the loader's) makes the new tensors of a view's
+    moves (a prefetch's rows added, what a postpone leaves), as it makes the loader's batches.
     """
 
     store: BatchStore
