@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -96,6 +96,8 @@ class StepSession:
     hold: Callable[[], AbstractContextManager[int | None]] | None = None
     batch_memory: BatchMemory | None = None
     layout: RunLayout = field(init=False)
+    _deferring: bool = field(default=False, init=False, repr=False)
+    _moved_meanwhile: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.step, int) or isinstance(self.step, bool) or self.step < 0:
@@ -205,8 +207,24 @@ class StepSession:
         return contextlib.nullcontext() if self.hold is None else self.hold()
 
     def _moved(self) -> None:
-        if self.rows_moved is not None:
+        if self._deferring:
+            self._moved_meanwhile = True
+        elif self.rows_moved is not None:
             self.rows_moved()
+
+    @contextlib.contextmanager
+    def moving(self) -> Iterator[None]:
+        """Around a view's move (its store calls, then its columns brought in step): ``rows_moved`` is called
+        once, on the way out (an error included), not right after the store call, so that the read ahead it
+        starts on the loader's thread does not compete with the rest of the move for the GIL."""
+        outer, self._deferring = self._deferring, True
+        try:
+            yield
+        finally:
+            self._deferring = outer
+            if not outer and self._moved_meanwhile:  # (nested: the outermost one calls it)
+                self._moved_meanwhile = False
+                self._moved()
 
 
 class LinkedDataProto(DataProto):
@@ -452,14 +470,15 @@ class LinkedDataProto(DataProto):
                     f"{self.policy!r}.prefetch_last_source_step returned {last!r} for step {self.step}"
                 )
             remaining = decided
-            while remaining > 0:
-                # rows the store moved are added to self at once, so a failure below leaves both in sync
-                result = session.prefetch(remaining, last)
-                remaining -= len(result.rows)
-                new_rows += self._add_rows(self._decode(result.rows))
-                if result.needs_materialise is None:
-                    break
-                session.ensure_materialised(result.needs_materialise)
+            with session.moving():
+                while remaining > 0:
+                    # rows the store moved are added to self at once, so a failure below leaves both in sync
+                    result = session.prefetch(remaining, last)
+                    remaining -= len(result.rows)
+                    new_rows += self._add_rows(self._decode(result.rows))
+                    if result.needs_materialise is None:
+                        break
+                    session.ensure_materialised(result.needs_materialise)
             logger.info("step %d: prefetched %d of %d rows", self.step, len(new_rows), decided)
         fresh = rows_to_dataproto(DataProto, new_rows, raw_tensors=True)
         return self._derive(fresh.batch, fresh.non_tensor_batch, {})
@@ -503,16 +522,17 @@ class LinkedDataProto(DataProto):
                 moves.append((self._refs[sid], codec.encode(payload, allow_pickle=session.allow_pickle)))
             except CodecError as exc:
                 raise CodecError(f"postpone_samples: row {sid}: {exc}") from exc
-        target = session.postpone(moves, target)
-        leaving = set(ids)
-        keep = [i for i, sid in enumerate(self.sample_ids()) if sid not in leaving]
-        with self._batch_memory():
-            self.batch, self.non_tensor_batch = taken(self, keep)
-        for sid in ids:
-            del self._refs[sid]
-        self._finished -= leaving
-        self._postponed |= leaving
-        self._next_loaded = False
+        with session.moving():
+            target = session.postpone(moves, target)
+            leaving = set(ids)
+            keep = [i for i, sid in enumerate(self.sample_ids()) if sid not in leaving]
+            with self._batch_memory():
+                self.batch, self.non_tensor_batch = taken(self, keep)
+            for sid in ids:
+                del self._refs[sid]
+            self._finished -= leaving
+            self._postponed |= leaving
+            self._next_loaded = False
         logger.info("step %d: postponed %d rows to step %d", self.step, len(ids), target)
         return True
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pr_loader import codec
+from pr_loader import linked as linked_module
 from pr_loader.errors import (
     CodecError,
     ConfigError,
@@ -580,6 +581,29 @@ def test_rows_moved_is_called_after_each_move_that_went_through(client: Any) -> 
     assert view is not None
     assert view.postpone_samples(view.select_idxs([0])) is False and len(view.prefetch_samples(2)) == 0
     assert len(calls) == 2
+
+
+def test_rows_moved_is_called_once_the_view_is_in_step(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader's read ahead, which the hook starts, runs once the move is done (not beside the rest of
+    the move, for the GIL): the view already holds the rows a prefetch moved in and lacks those a postpone
+    moved out; a move that fails after its store call went through still calls it."""
+    h = Harness(client, PostponeToNext())
+    seen: list[int] = []
+    views: list[LinkedDataProto] = []
+    view = h.claim(rows_moved=lambda: seen.append(len(views[0])))
+    assert view is not None
+    views.append(view)
+    view.prefetch_samples(2)
+    view.postpone_samples(view.select_idxs([0]))
+    assert seen == [B + 2, B + 1]
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("the view's columns could not be updated")
+
+    monkeypatch.setattr(linked_module, "taken", broken)
+    with pytest.raises(RuntimeError, match="columns"):
+        view.postpone_samples(view.select_idxs([0]))
+    assert seen == [B + 2, B + 1, B + 1]  # (the rows left in Redis: the loader must read the next step again)
 
 
 def test_a_view_built_ahead_of_its_claim_is_the_claims_view(client: Any) -> None:
