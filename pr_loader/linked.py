@@ -73,12 +73,13 @@ class StepSession:
     number when prefetch (or a ``next`` peek) meets a regular step that is not materialised yet.
     ``clock`` supplies the ``now`` of store calls (``None``: the store's ``time.time()``). A ``read_only``
     session (the one of a :attr:`LinkedDataProto.next` peek) refuses every mutation. ``rows_moved`` is
-    called after a postpone or prefetch went through (the loader then reads and claims the next step ahead
-    again), ``committed`` after a commit through the view went through (the loader waits for its fsync
-    there). ``hold`` (the loader's, when it claims the next step ahead) is entered around each postpone and
-    prefetch and gives the step held ahead, which the store call names so that it is given back first
-    (``BatchStore.postpone``'s ``held``). ``batch_memory`` (the loader's) makes the new tensors of a view's
-    moves (a prefetch's rows added, what a postpone leaves), as it makes the loader's batches.
+    called after a postpone or prefetch went through, once the view is in step again (the loader then reads
+    and claims the next step ahead again: :meth:`moving`), ``committed`` after a commit through the view
+    went through (the loader waits for its fsync there). ``hold`` (the loader's, when it claims the next
+    step ahead) is entered around each postpone and prefetch and gives the step held ahead, which the store
+    call names so that it is given back first (``BatchStore.postpone``'s ``held``). ``batch_memory`` (the
+    loader's) makes the new tensors of a view's moves (a prefetch's rows added, what a postpone leaves), as
+    it makes the loader's batches.
     """
 
     store: BatchStore
