@@ -44,6 +44,7 @@ from pr_loader.rows import (
     FIELD_SAMPLE_ID,
     FIELD_TIMES_POSTPONED,
     RESERVED_FIELDS,
+    accelerator_device,
     appended,
     dataproto_row,
     rows_to_dataproto,
@@ -363,10 +364,13 @@ class LinkedDataProto(DataProto):
         if new_rows:
             with self._batch_memory():
                 more = rows_to_dataproto(DataProto, new_rows, raw_tensors=True)
+                device = accelerator_device(self)
+                if device is not None:  # (new rows join a view on the device its tensors are on)
+                    more.to(device)
                 parts = appended(self, more) if len(self) else (more.batch, more.non_tensor_batch)
                 if parts is None:  # (a key changes kind, e.g. a tensor in every row at last: row by row)
-                    old_rows = [dataproto_row(self, i) for i in range(len(self))]
-                    merged = rows_to_dataproto(DataProto, old_rows + new_rows, raw_tensors=True)
+                    rows = [dataproto_row(view, i) for view in (self, more) for i in range(len(view))]
+                    merged = rows_to_dataproto(DataProto, rows)
                     parts = merged.batch, merged.non_tensor_batch
             self.batch, self.non_tensor_batch = parts
         self._next_loaded = False
@@ -455,7 +459,8 @@ class LinkedDataProto(DataProto):
     # ----------------------------------------------------------------- moving rows
     def prefetch_samples(self, count: int) -> DataProto:
         """Move fresh rows of later steps into this step; the policy decides how many (``count`` is the
-        request). Returns the new rows (also appended to self); FixedBatch: an empty DataProto."""
+        request). Returns the new rows (also appended to self); FixedBatch: an empty DataProto. Where the
+        view's tensors are all on one accelerator (``view.to("cuda")``), the new rows' tensors go there."""
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ConfigError(f"prefetch count must be an int >= 0, got {count!r}")
         session = self._require_session("prefetch_samples")
@@ -482,6 +487,9 @@ class LinkedDataProto(DataProto):
                     session.ensure_materialised(result.needs_materialise)
             logger.info("step %d: prefetched %d of %d rows", self.step, len(new_rows), decided)
         fresh = rows_to_dataproto(DataProto, new_rows, raw_tensors=True)
+        device = accelerator_device(self)
+        if device is not None:
+            fresh.to(device)
         return self._derive(fresh.batch, fresh.non_tensor_batch, {})
 
     def postpone_samples(self, samples: DataProto) -> bool:

@@ -29,6 +29,7 @@ __all__ = [
     "FIELD_SAMPLE_ID",
     "FIELD_TIMES_POSTPONED",
     "RESERVED_FIELDS",
+    "accelerator_device",
     "appended",
     "dataproto_row",
     "rows_to_dataproto",
@@ -163,6 +164,18 @@ def taken(dp: DataProto, positions: list[int]) -> tuple[TensorDictBase | None, d
         picked[key] = torch.index_select(tensor, 0, index, out=out)
     columns = {key: column[positions] for key, column in dp.non_tensor_batch.items()}
     return TensorDict(picked, batch_size=[len(positions)], device=batch.device), columns
+
+
+def accelerator_device(dp: DataProto) -> torch.device | None:
+    """The device of every tensor of ``dp``'s batch when that is one device other than the CPU (a view the
+    user moved, e.g. ``view.to("cuda")``), else None."""
+    if dp.batch is None:
+        return None
+    devices = {tensor.device for tensor in dp.batch.values(include_nested=True, leaves_only=True)}
+    if len(devices) != 1:
+        return None
+    (device,) = devices
+    return None if device is None or device.type == "cpu" else device
 
 
 def _plain_cpu(value: Any) -> bool:

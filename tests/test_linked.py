@@ -652,3 +652,35 @@ def test_committed_is_called_after_a_commit_through_the_view(client: Any) -> Non
     with pytest.raises(StepStateError):
         view.commit()  # (already committed)
     assert calls == [0]
+
+
+_ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=_ON_CUDA)])
+def test_rows_moved_into_a_view_on_an_accelerator_join_it_there(client: Any, device: str) -> None:
+    """A view the user moved (``view.to(device)``) keeps its tensor columns there through prefetches and
+    postpones: the new rows' tensors are moved to it (not left on the CPU, which would turn the column into
+    objects), and the returned rows are on it too. ("meta" runs without a GPU: shapes and devices only.)"""
+    h = Harness(client, PostponeToNext())
+    view = claim(h).to(device)
+    got = view.prefetch_samples(2)
+    assert view.batch is not None and got.batch is not None
+    assert view.batch["input_ids"].device.type == got.batch["input_ids"].device.type == device
+    assert view.batch["input_ids"].shape == (B + 2, 3) and got.batch["input_ids"].shape == (2, 3)
+    if device == "meta":
+        return
+    expected = torch.stack([torch.arange(i, i + 3) for i in range(B + 2)])
+    assert torch.equal(view.batch["input_ids"].cpu(), expected)
+    samples = with_partial(view, [5, 0], [3, 1])  # (a prefetched row and a fresh one, partial output added)
+    assert samples.batch is not None and samples.batch["input_ids"].is_cuda
+    assert view.postpone_samples(samples) is True
+    assert ids(view) == [key(i) for i in (1, 2, 3, 4)] and view.batch["input_ids"].is_cuda
+    got = view.prefetch_samples(1)
+    assert ids(got) == [key(6)] and view.batch["input_ids"].is_cuda
+    assert torch.equal(view.batch["input_ids"][-1].cpu(), torch.arange(6, 9))
+    view.commit()
+    nxt = claim(h)
+    assert nxt.sample_ids()[:2] == [key(5), key(0)]
+    assert nxt.batch is not None and torch.equal(nxt.batch["input_ids"][0], torch.arange(5, 8))
+    assert torch.equal(nxt.non_tensor_batch["prl_partial_tokens"][0], torch.arange(3))

@@ -5,13 +5,21 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tensordict import TensorDict
 
 from pr_loader import batch_memory, codec
 from pr_loader.batch_memory import BatchMemory
 from pr_loader.codec import RawTensor
 from pr_loader.errors import DataProtoError
 from pr_loader.protocol import DataProto
-from pr_loader.rows import RESERVED_FIELDS, appended, dataproto_row, rows_to_dataproto, taken
+from pr_loader.rows import (
+    RESERVED_FIELDS,
+    accelerator_device,
+    appended,
+    dataproto_row,
+    rows_to_dataproto,
+    taken,
+)
 
 
 class MyProto(DataProto):
@@ -294,3 +302,14 @@ def test_taken_equals_select_idxs_in_the_batch_memory(positions: list[int]) -> N
         batch, columns = taken(dp, positions)
     _same(DataProto(batch=batch, non_tensor_batch=columns), dp.select_idxs(positions))
     assert len(memory) == (2 if positions else 0)  # (ids and mask; an empty tensor is never pooled)
+
+
+def test_accelerator_device_is_the_one_device_of_a_moved_batch() -> None:
+    dp = rows_to_dataproto(DataProto, [{"a": torch.ones(2), "t": "x"}] * 3)
+    assert accelerator_device(dp) is None  # (the CPU)
+    assert accelerator_device(dp.to("meta")) == torch.device("meta")
+    nested = TensorDict({"a": torch.ones(3, device="meta"), "n": {"b": torch.zeros(3, device="meta")}}, [3])
+    assert nested.device is None and accelerator_device(DataProto(batch=nested)) == torch.device("meta")
+    nested["n", "b"] = torch.zeros(3)  # (one leaf on the CPU: no one device)
+    assert accelerator_device(DataProto(batch=nested)) is None
+    assert accelerator_device(rows_to_dataproto(DataProto, [{"t": "x"}])) is None
