@@ -12,7 +12,8 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pr
 step() { echo "=== $(date +%T) $1"; }
 step "CUDA and pin_memory tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/rollout/test_engines.py tests/test_batch_memory.py \
-    tests/loader/test_linked_mode.py tests/loader/test_parity.py 2>&1 | tee "$logs/gpu_tests.log" | tail -5
+    tests/loader/test_linked_mode.py tests/loader/test_parity.py tests/test_linked.py tests/test_rows.py \
+    tests/test_protocol.py 2>&1 | tee "$logs/gpu_tests.log" | tail -5
 step "whole suite"
 timeout 300 python3 -m pytest -q -p no:cacheprovider -n "$(( $(nproc) * 3 / 4 ))" 2>&1 \
     | tee "$logs/suite.log" | tail -5
