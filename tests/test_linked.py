@@ -684,3 +684,26 @@ def test_rows_moved_into_a_view_on_an_accelerator_join_it_there(client: Any, dev
     assert nxt.sample_ids()[:2] == [key(5), key(0)]
     assert nxt.batch is not None and torch.equal(nxt.batch["input_ids"][0], torch.arange(5, 8))
     assert torch.equal(nxt.non_tensor_batch["prl_partial_tokens"][0], torch.arange(3))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=_ON_CUDA)])
+def test_rows_prefetched_into_a_view_with_a_column_they_lack_are_assembled_row_by_row(
+    client: Any, device: str
+) -> None:
+    """A tensor column the user added to the view (e.g. scores) that the new rows lack cannot be
+    concatenated: the rows are assembled one by one (the column becomes objects, None in the new rows),
+    on the view's device."""
+    h = Harness(client, PostponeToNext())
+    view = claim(h).to(device)
+    assert view.batch is not None
+    view.batch["score"] = torch.arange(B, dtype=torch.float32, device=device)
+    got = view.prefetch_samples(2)
+    assert ids(got) == [key(4), key(5)]
+    assert view.batch is not None and "score" not in list(view.batch.keys())
+    assert view.batch["input_ids"].device.type == device and view.batch["input_ids"].shape == (B + 2, 3)
+    scores = view.non_tensor_batch["score"]
+    assert [s is None for s in scores] == [False] * B + [True, True]
+    assert all(s.device.type == device for s in scores[:B])
+    if device != "meta":
+        assert [float(s) for s in scores[:B]] == [0.0, 1.0, 2.0, 3.0]
+        assert torch.equal(view.batch["input_ids"][-1].cpu(), torch.arange(5, 8))
