@@ -363,10 +363,7 @@ class LinkedDataProto(DataProto):
             new_rows.append(row)
         if new_rows:
             with self._batch_memory():
-                more = rows_to_dataproto(DataProto, new_rows, raw_tensors=True)
-                device = accelerator_device(self)
-                if device is not None:  # (new rows join a view on the device its tensors are on)
-                    more.to(device)
+                more = self._on_device(rows_to_dataproto(DataProto, new_rows, raw_tensors=True))
                 parts = appended(self, more) if len(self) else (more.batch, more.non_tensor_batch)
                 if parts is None:  # (a key changes kind, e.g. a tensor in every row at last: row by row)
                     rows = [dataproto_row(view, i) for view in (self, more) for i in range(len(view))]
@@ -375,6 +372,12 @@ class LinkedDataProto(DataProto):
             self.batch, self.non_tensor_batch = parts
         self._next_loaded = False
         return new_rows
+
+    def _on_device(self, rows: DataProto) -> DataProto:
+        """``rows`` moved to the accelerator every tensor of this view is on (the user's ``view.to("cuda")``),
+        where new rows join it: left on the CPU they would not stack with its columns."""
+        device = accelerator_device(self)
+        return rows if device is None else rows.to(device)
 
     def _batch_memory(self) -> AbstractContextManager[None]:
         """Where this view's new tensors are made: its session's batch memory (the loader's), if any."""
@@ -486,10 +489,7 @@ class LinkedDataProto(DataProto):
                         break
                     session.ensure_materialised(result.needs_materialise)
             logger.info("step %d: prefetched %d of %d rows", self.step, len(new_rows), decided)
-        fresh = rows_to_dataproto(DataProto, new_rows, raw_tensors=True)
-        device = accelerator_device(self)
-        if device is not None:
-            fresh.to(device)
+        fresh = self._on_device(rows_to_dataproto(DataProto, new_rows, raw_tensors=True))
         return self._derive(fresh.batch, fresh.non_tensor_batch, {})
 
     def postpone_samples(self, samples: DataProto) -> bool:
